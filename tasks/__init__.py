@@ -1,0 +1,1 @@
+"""Job stages: plain functions that do the work, each with a thin Celery task wrapper."""

@@ -1,0 +1,148 @@
+"""The job manifest: what scan found, grouped patient > study > series > instance.
+
+It lives in the spool (never in task arguments) and carries, per level, the header
+attributes that directory records and the disc index need, as DICOM JSON, so that no
+later stage has to read a header again.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom import Dataset
+
+PATIENT_KEYWORDS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex")
+STUDY_KEYWORDS = ("StudyInstanceUID", "StudyDate", "StudyTime", "StudyDescription", "StudyID",
+                  "AccessionNumber", "ReferringPhysicianName")
+SERIES_KEYWORDS = ("SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription", "SeriesDate",
+                   "BodyPartExamined")
+INSTANCE_KEYWORDS = (
+    "SOPClassUID", "SOPInstanceUID", "InstanceNumber", "ImageType", "Rows", "Columns", "NumberOfFrames",
+    "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit",
+    "PixelRepresentation", "ContentDate", "ContentTime", "AcquisitionDate", "CompletionFlag",
+    "VerificationFlag", "ConceptNameCodeSequence", "MIMETypeOfEncapsulatedDocument", "DocumentTitle",
+    "ContentLabel", "ContentDescription", "PresentationCreationDate", "PresentationCreationTime",
+    "LossyImageCompression", "SliceLocation", "ImagePositionPatient", "WindowCenter", "WindowWidth",
+    "RescaleSlope", "RescaleIntercept",
+)
+
+
+def subset_json(dataset: Dataset, keywords: tuple[str, ...]) -> dict[str, Any]:
+    """The named attributes of ``dataset`` in the DICOM JSON model (absent ones left out)."""
+    part = Dataset()
+    for keyword in keywords:
+        if keyword in dataset:
+            part[keyword] = dataset[keyword]
+    return part.to_json_dict(bulk_data_threshold=1 << 20, bulk_data_element_handler=None)
+
+
+def dataset_from_json(attributes: dict[str, Any]) -> Dataset:
+    return Dataset.from_json(attributes)
+
+
+@dataclass
+class Instance:
+    index: int
+    source: str
+    """Absolute path of the instance as scanned."""
+    size: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    patient: int
+    study: int
+    series: int
+    attributes: dict[str, Any] = field(default_factory=dict)
+    action: str = "copy"
+    """copy: bytes go to the media as they are; convert: transcode to ``target_syntax``;
+    rewrite: re-encode as Part 10 without touching pixels (bare dataset, missing meta)."""
+    target_syntax: str | None = None
+
+
+@dataclass
+class Level:
+    """A patient, study or series: its key and its header attributes."""
+    key: str
+    parent: int
+    attributes: dict[str, Any]
+
+
+@dataclass
+class Manifest:
+    job_id: str
+    kind: str
+    options: dict[str, Any] = field(default_factory=dict)
+    patients: list[Level] = field(default_factory=list)
+    studies: list[Level] = field(default_factory=list)
+    series: list[Level] = field(default_factory=list)
+    instances: list[Instance] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    """Files not taken, each ``{"file": ..., "reason": ...}``."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> "Manifest":
+        return cls(
+            job_id=value["job_id"], kind=value["kind"], options=value.get("options", {}),
+            patients=[Level(**p) for p in value.get("patients", [])],
+            studies=[Level(**s) for s in value.get("studies", [])],
+            series=[Level(**s) for s in value.get("series", [])],
+            instances=[Instance(**i) for i in value.get("instances", [])],
+            skipped=value.get("skipped", []),
+        )
+
+    def batches(self, size: int, indices: list[int] | None = None) -> list[list[int]]:
+        chosen = indices if indices is not None else [i.index for i in self.instances]
+        return [chosen[start:start + size] for start in range(0, len(chosen), size)]
+
+    def source_bytes(self) -> int:
+        return sum(i.size for i in self.instances)
+
+
+class ManifestBuilder:
+    """Groups scanned headers patient > study > series while keeping insertion order."""
+
+    def __init__(self, job_id: str, kind: str, options: dict[str, Any]) -> None:
+        self.manifest = Manifest(job_id=job_id, kind=kind, options=options)
+        self._patients: dict[str, int] = {}
+        self._studies: dict[str, int] = {}
+        self._series: dict[str, int] = {}
+
+    def add(self, source: Path | str, size: int, dataset: Dataset, transfer_syntax: str) -> Instance:
+        patient = self._level(self._patients, self.manifest.patients, _patient_key(dataset), -1,
+                              dataset, PATIENT_KEYWORDS)
+        study = self._level(self._studies, self.manifest.studies, str(dataset.StudyInstanceUID), patient,
+                            dataset, STUDY_KEYWORDS)
+        series = self._level(self._series, self.manifest.series, str(dataset.SeriesInstanceUID), study,
+                             dataset, SERIES_KEYWORDS)
+        instance = Instance(
+            index=len(self.manifest.instances), source=str(source), size=size,
+            sop_class_uid=str(dataset.SOPClassUID), sop_instance_uid=str(dataset.SOPInstanceUID),
+            transfer_syntax=transfer_syntax, patient=patient, study=study, series=series,
+            attributes=subset_json(dataset, INSTANCE_KEYWORDS),
+        )
+        self.manifest.instances.append(instance)
+        return instance
+
+    def skip(self, source: Path | str, reason: str) -> None:
+        self.manifest.skipped.append({"file": str(source), "reason": reason})
+
+    @staticmethod
+    def _level(index: dict[str, int], levels: list[Level], key: str, parent: int, dataset: Dataset,
+               keywords: tuple[str, ...]) -> int:
+        if key not in index:
+            index[key] = len(levels)
+            levels.append(Level(key=key, parent=parent, attributes=subset_json(dataset, keywords)))
+        return index[key]
+
+
+def _patient_key(dataset: Dataset) -> str:
+    # Patients are told apart by ID and issuer; an anonymous ID falls back to the name.
+    patient_id = str(dataset.get("PatientID", "") or "")
+    issuer = str(dataset.get("IssuerOfPatientID", "") or "")
+    if patient_id:
+        return f"{issuer}\\{patient_id}"
+    return f"name:{dataset.get('PatientName', '')}"

@@ -1,0 +1,1 @@
+"""The Celery runtime: app, settings, queues, timing signals, embedded broker."""

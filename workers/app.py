@@ -1,0 +1,62 @@
+"""The Celery app: JSON only, at-least-once delivery, one queue per stage."""
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from workers.settings import get_settings
+
+STAGES = ("scan", "transcode", "media", "store")
+"""Each stage runs on its own queue, so CPU-bound and network-bound workers scale apart."""
+
+TASK_MODULES = ["tasks.scan", "tasks.transcode", "tasks.media", "tasks.store"]
+"""Loaded by name when a worker starts (workers/ does not import tasks/)."""
+
+PRIORITY_LEVELS = 10
+
+
+def _route(name: str, args, kwargs, options, task=None, **kw) -> dict | None:
+    stage = name.split(".")[1] if name.startswith("discflow.") else None
+    return {"queue": stage} if stage in STAGES else None
+
+
+def create_app(broker_url: str | None = None) -> Celery:
+    settings = get_settings()
+    url = broker_url or settings.broker_url or "redis://127.0.0.1:6379/0"
+    celery_app = Celery("discflow", broker=url, backend=url, include=TASK_MODULES)
+    celery_app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_queues=[Queue(stage) for stage in STAGES],
+        task_default_queue="scan",
+        task_routes=(_route,),
+        task_track_started=True,
+        result_expires=settings.result_expires_seconds,
+        result_extended=False,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            # A task running longer than this is redelivered: keep it above the longest batch.
+            "visibility_timeout": 3600,
+            "queue_order_strategy": "priority",
+            "priority_steps": list(range(PRIORITY_LEVELS)),
+        },
+        task_default_priority=5,
+        worker_hijack_root_logger=False,
+        worker_max_tasks_per_child=2000,
+    )
+    return celery_app
+
+
+app = create_app()
+
+
+def use_broker(url: str) -> None:
+    """Point the already-created app at another Redis (the embedded one) before first use."""
+    app.conf.update(broker_url=url, result_backend=url)

@@ -1,0 +1,18 @@
+"""Every Redis key discflow writes, in one place (Celery's own keys aside)."""
+from __future__ import annotations
+
+PREFIX = "discflow"
+
+
+def job_timings(job_id: str) -> str:
+    """List of JSON timing records, one per finished task of the job."""
+    return f"{PREFIX}:job:{job_id}:timings"
+
+
+def job_progress(job_id: str) -> str:
+    """Hash of counters (instances done per stage) for progress bars."""
+    return f"{PREFIX}:job:{job_id}:progress"
+
+
+def job_cancelled(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:cancelled"

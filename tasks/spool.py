@@ -79,6 +79,10 @@ class JobSpool:
     def transcoded_path(self, index: int) -> Path:
         return self.transcoded_dir / f"{index // 1000:04d}" / f"{index:08d}.dcm"
 
+    def batch_path(self, stage: str, batch: int) -> Path:
+        """The work list of one batch (instance entries), written by scan."""
+        return self.path / "batches" / stage / f"{batch:06d}.json"
+
     def outcome_path(self, stage: str, batch: int) -> Path:
         return self.path / "outcomes" / stage / f"{batch:06d}.json"
 

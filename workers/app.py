@@ -58,5 +58,8 @@ app = create_app()
 
 
 def use_broker(url: str) -> None:
-    """Point the already-created app at another Redis (the embedded one) before first use."""
+    """Point the app at another Redis (the embedded one, or a test's); drops cached connections."""
     app.conf.update(broker_url=url, result_backend=url)
+    app._after_fork()  # forgets the connection and producer pools
+    app._backend_cache = None
+    app._local.__dict__.pop("backend", None)

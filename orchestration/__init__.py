@@ -1,0 +1,1 @@
+"""Building canvases for jobs, submission (CLI, Python API), summaries and reports."""

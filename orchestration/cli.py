@@ -1,0 +1,178 @@
+"""The `discflow` command: one sub-command per operator action."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from orchestration import console as terminal
+from orchestration.jobs import JobFailed, submit_export, wait
+from orchestration.summary import EXPORT_STAGES, export_summary
+from tasks.spool import JobSpool
+from tasks.transfer_syntax import POLICIES
+from workers.app import STAGES, app, use_broker
+from workers.embedded import EmbeddedBrokerError, EmbeddedRuntime
+from workers.settings import get_settings
+from workers.timing import read_timings
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
+                  help="Export studies to CD/DVD/USB media and import outside media, on Celery workers.")
+
+EXIT_CODES = {"succeeded": 0, "failed": 1, "partial": 3}
+
+
+class UsageError(Exception):
+    pass
+
+
+@contextmanager
+def runtime(concurrency: int = 0) -> Iterator[None]:
+    """Use the configured Redis and its workers, or start the embedded default for this command."""
+    settings = get_settings()
+    if settings.broker_url:
+        yield
+        return
+    with EmbeddedRuntime(concurrency or settings.worker_concurrency) as embedded:
+        use_broker(embedded.url)
+        yield
+
+
+def _fail(message: str, code: int = 2) -> None:
+    terminal.console.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def run_export(request: dict[str, Any], as_json: bool) -> dict[str, Any]:
+    started = time.monotonic()
+    with runtime():
+        job_id = submit_export(request)
+        with terminal.job_progress(EXPORT_STAGES[1:], enabled=not as_json) as on_progress:
+            wait(job_id, on_progress)
+        timings = read_timings(app, job_id)
+    spool = JobSpool(get_settings().spool_dir, job_id)
+    return export_summary(spool, timings, time.monotonic() - started)
+
+
+def _report(summary: dict[str, Any], as_json: bool, title: str) -> None:
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        terminal.print_summary(summary, title)
+    raise typer.Exit(EXIT_CODES.get(summary["status"], 1))
+
+
+def _source(source: Optional[Path], from_node: Optional[str], patient_id: Optional[str],
+            study_uid: list[str], accession: Optional[str]) -> dict[str, Any]:
+    if bool(source) == bool(from_node):
+        raise UsageError("give exactly one of --source DIR or --from-node AE@HOST:PORT")
+    if source:
+        if not source.is_dir():
+            raise UsageError(f"source folder not found: {source}")
+        return {"folder": str(source.resolve())}
+    if not (patient_id or study_uid or accession):
+        raise UsageError("--from-node needs --patient-id, --study-uid or --accession")
+    from tasks.dimse import Node
+    Node.parse(from_node)  # fail early on a malformed address
+    return {"node": from_node, "patient_id": patient_id, "study_uids": list(study_uid), "accession_number": accession}
+
+
+@cli.command()
+def export(
+    source: Annotated[Optional[Path], typer.Option(help="Folder of DICOM files (searched recursively).")] = None,
+    from_node: Annotated[Optional[str], typer.Option(help="DICOM node to query and retrieve from, AE@HOST:PORT.")] = None,
+    patient_id: Annotated[Optional[str], typer.Option(help="With --from-node: the patient's ID.")] = None,
+    study_uid: Annotated[list[str], typer.Option(help="With --from-node: a Study Instance UID (repeatable).")] = [],
+    accession: Annotated[Optional[str], typer.Option(help="With --from-node: an accession number.")] = None,
+    syntax: Annotated[str, typer.Option(help=f"Transfer-syntax policy: {', '.join(POLICIES)}.")] = "keep",
+    out: Annotated[Path, typer.Option(help="Folder for the disc images (VOL001.ISO, ...).")] = Path("out"),
+    volume_capacity: Annotated[Optional[int], typer.Option(help="Usable bytes per volume (default: CD).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Instances per transcode task.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary object.")] = False,
+) -> None:
+    """Export studies to ISO 9660 disc images with a DICOMDIR (IHE PDI layout).
+
+    Examples:
+
+        discflow export --source ./study --syntax keep --out ./out
+
+        discflow export --from-node ORTHANC@127.0.0.1:4242 --patient-id 12345 --syntax uncompressed --out ./out
+
+        DISCFLOW_BROKER_URL=redis://127.0.0.1:6379/0 discflow export --source ./study --json
+    """
+    if syntax not in POLICIES:
+        _fail(f"unknown --syntax {syntax!r}; choose one of {', '.join(POLICIES)}")
+    try:
+        request = {"source": _source(source, from_node, patient_id, study_uid, accession), "syntax": syntax,
+                   "out_dir": str(out.resolve()), "volume_capacity": volume_capacity, "batch_size": batch_size}
+    except (UsageError, ValueError) as error:
+        _fail(str(error))
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        summary = run_export(request, as_json)
+    except (JobFailed, EmbeddedBrokerError) as error:
+        _fail(str(error), 1)
+    _report(summary, as_json, "export")
+
+
+@cli.command()
+def demo(
+    images: Annotated[int, typer.Option(help="Instances in the demo CT study.")] = 200,
+    out: Annotated[Path, typer.Option(help="Folder for the disc image.")] = Path("out"),
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Build a CT study from the real slice in pydicom-data and export it, on the embedded default.
+
+    Example: `discflow demo` prints where VOL001.ISO is.
+    """
+    from orchestration.corpus import StudySpec, build_study
+    study = get_settings().spool_dir.parent / "demo-study"
+    if not study.is_dir() or len(list(study.glob("*.dcm"))) != images:
+        terminal.console.print(f"building a {images}-image CT study in {study} ...")
+        for old in study.glob("*.dcm"):
+            old.unlink()
+        build_study(study, StudySpec(images=images))
+    out.mkdir(parents=True, exist_ok=True)
+    request = {"source": {"folder": str(study)}, "syntax": "keep", "out_dir": str(out.resolve())}
+    try:
+        summary = run_export(request, as_json)
+    except (JobFailed, EmbeddedBrokerError) as error:
+        _fail(str(error), 1)
+    _report(summary, as_json, "demo export")
+
+
+@cli.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="Comma-separated queues to consume.")] = ",".join(STAGES),
+    concurrency: Annotated[int, typer.Option(help="Worker processes (0: one per CPU).")] = 0,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    hostname: Annotated[Optional[str], typer.Option(help="Worker node name, e.g. transcode1@%h.")] = None,
+) -> None:
+    """Run a Celery worker for discflow's queues (needs DISCFLOW_BROKER_URL).
+
+    Example: `DISCFLOW_BROKER_URL=redis://127.0.0.1:6379/0 discflow worker --queues transcode --concurrency 8`
+    """
+    unknown = set(queues.split(",")) - set(STAGES)
+    if unknown:
+        _fail(f"unknown queue(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
+    if not get_settings().broker_url:
+        _fail("set DISCFLOW_BROKER_URL to the Redis all workers share, e.g. redis://127.0.0.1:6379/0")
+    argv = ["worker", "-Q", queues, "-l", loglevel, "-E"]
+    if concurrency:
+        argv += ["-c", str(concurrency)]
+    if hostname:
+        argv += ["-n", hostname]
+    app.worker_main(argv)
+
+
+def main() -> None:
+    cli(prog_name="discflow")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

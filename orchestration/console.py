@@ -1,0 +1,53 @@
+"""Terminal output: progress bars while a job runs, the stage table at the end."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+MB = 1_000_000
+
+
+@contextmanager
+def job_progress(stages: tuple[str, ...], enabled: bool) -> Iterator[Any]:
+    """Yield a callback that takes the job's progress counters and redraws one bar per stage."""
+    if not enabled or not console.is_terminal:
+        yield None
+        return
+    bars = Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+    tasks = {stage: bars.add_task(stage, total=None) for stage in stages}
+
+    def update(counters: dict[str, int]) -> None:
+        for stage, task in tasks.items():
+            total = counters.get(f"{stage}:total")
+            bars.update(task, completed=counters.get(f"{stage}:done", 0), total=total if total else None)
+
+    with bars:
+        yield update
+
+
+def print_summary(summary: dict[str, Any], title: str) -> None:
+    out = Console()
+    table = Table(title=f"{title} {summary['job_id']}: {summary['status']}")
+    for column in ("stage", "wall s", "task s", "tasks", "instances", "MB in", "MB out"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for stage, row in summary["stages"].items():
+        table.add_row(stage, f"{row['seconds']:.2f}", f"{row['task_seconds']:.2f}", str(row["tasks"]),
+                      str(row["instances"]), f"{row['bytes_in'] / MB:.1f}", f"{row['bytes_out'] / MB:.1f}")
+    table.add_row("total", f"{summary.get('seconds', 0):.2f}", "", "", "", "", "", style="bold")
+    out.print(table)
+    counts = summary["instances"]
+    out.print(", ".join(f"{key}: {value}" for key, value in counts.items()))
+    for volume in summary.get("volumes", []):
+        out.print(f"volume {volume['path']}  {volume['bytes'] / MB:.1f} MB  {volume['instances']} instances")
+    for failure in summary.get("failures", []):
+        out.print(f"[red]failed[/red] {failure['file']}: {failure['reason']}")
+    skipped = summary.get("skipped", [])
+    if skipped:
+        out.print(f"{len(skipped)} file(s) skipped (not DICOM or incomplete); see --json for the list")

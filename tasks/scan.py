@@ -1,0 +1,102 @@
+"""scan: read headers only, group patient > study > series, write the manifest, build the canvas."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from celery import chord
+
+from tasks import transfer_syntax
+from tasks.dicom_header import NotDicomError, read_header
+from tasks.manifest import Manifest, ManifestBuilder
+from tasks.spool import JobSpool, write_json
+from workers import progress
+from workers.app import app
+from workers.settings import get_settings
+from workers.timing import stage_timer
+
+REQUEST = "request.json"
+
+
+class SourceError(Exception):
+    """The job's source is missing, empty or unreachable; the message is for the operator."""
+
+
+def walk_files(root: Path) -> Iterator[Path]:
+    """Every regular file below ``root`` in a stable order, without following symlinks."""
+    for folder, subfolders, files in os.walk(root):
+        subfolders.sort()
+        for name in sorted(files):
+            path = Path(folder) / name
+            if path.is_file() and not path.is_symlink():
+                yield path
+
+
+def scan_folder(root: Path, builder: ManifestBuilder) -> None:
+    if not root.is_dir():
+        raise SourceError(f"source folder not found: {root}")
+    for path in walk_files(root):
+        try:
+            header = read_header(path)
+        except NotDicomError as error:
+            builder.skip(path, str(error))
+            continue
+        instance = builder.add(path, path.stat().st_size, header.dataset, header.transfer_syntax)
+        instance.action = "copy" if header.part10 else "rewrite"
+
+
+def plan_conversions(manifest: Manifest, policy: str) -> list[int]:
+    """Mark what each instance needs under ``policy``; return the indices that need a transcode task."""
+    target = transfer_syntax.POLICIES[policy]
+    for instance in manifest.instances:
+        if target is not None and transfer_syntax.needs_conversion(instance.transfer_syntax, target):
+            instance.action, instance.target_syntax = "convert", target
+    return [i.index for i in manifest.instances if i.action != "copy"]
+
+
+def scan_export(spool: JobSpool) -> tuple[Manifest, list[int]]:
+    """Scan the job's source (folder or DICOM node) and plan its conversions."""
+    request: dict[str, Any] = spool.read(REQUEST)
+    builder = ManifestBuilder(spool.job_id, "export", request)
+    source = request["source"]
+    if "node" in source:
+        from tasks.retrieve import retrieve_to_spool
+        retrieve_to_spool(source, spool)
+        scan_folder(spool.source_dir, builder)
+    else:
+        scan_folder(Path(source["folder"]), builder)
+    manifest = builder.manifest
+    if not manifest.instances:
+        raise SourceError(f"no DICOM instances found in the source ({len(manifest.skipped)} files skipped)")
+    work = plan_conversions(manifest, request.get("syntax", "keep"))
+    spool.write("manifest.json", manifest.to_json())
+    return manifest, work
+
+
+@app.task(bind=True, name="discflow.scan.export")
+def scan_export_task(self, job_id: str):
+    from tasks.media import plan_media_task
+    from tasks.transcode import transcode_batch_task
+
+    spool = JobSpool(get_settings().spool_dir, job_id)
+    with stage_timer(self, job_id, "scan") as timing:
+        manifest, work = scan_export(spool)
+        timing.count(len(manifest.instances), manifest.source_bytes(), 0)
+    batch_count = write_batches(spool, manifest, work)
+    progress.set_total(self.app.conf.broker_url, job_id, "transcode", len(work))
+    if not batch_count:
+        return self.replace(plan_media_task.si([], job_id))
+    header = [transcode_batch_task.si(job_id, number) for number in range(batch_count)]
+    return self.replace(chord(header, plan_media_task.s(job_id)))
+
+
+def write_batches(spool: JobSpool, manifest: Manifest, work: list[int]) -> int:
+    """Write one small work file per transcode batch, so a task never parses the whole manifest."""
+    batch_size = int(manifest.options.get("batch_size") or get_settings().batch_size)
+    batches = manifest.batches(batch_size, work)
+    for number, indices in enumerate(batches):
+        write_json(spool.batch_path("transcode", number), [asdict(manifest.instances[i]) for i in indices])
+    return len(batches)

@@ -1,0 +1,72 @@
+"""Shared fixtures: a real CT study, a private spool, Redis brokers with real worker processes."""
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from orchestration.corpus import StudySpec, build_study
+from workers.app import use_broker
+from workers.embedded import EmbeddedRedis, LocalWorkers
+from workers.settings import reload_settings
+
+SYSTEM_REDIS = os.environ.get("DISCFLOW_TEST_REDIS", "redis://127.0.0.1:6379/15")
+CT_IMAGES = 210
+
+
+def require_tools(*names: str) -> None:
+    missing = [name for name in names if not shutil.which(name)]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)} (bash .ci/run installs them)")
+
+
+@pytest.fixture(scope="session")
+def ct_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """210 CT instances from the real 512x512 slice, fresh UIDs, two series."""
+    folder = tmp_path_factory.mktemp("ct-study")
+    build_study(folder, StudySpec(images=CT_IMAGES, patient_name="TEST^EXPORT", patient_id="DF-E2E-1"))
+    return folder
+
+
+@pytest.fixture
+def spool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "spool"
+    monkeypatch.setenv("DISCFLOW_SPOOL_DIR", str(folder))
+    reload_settings()
+    yield folder
+    monkeypatch.undo()
+    reload_settings()
+
+
+def _cluster(url: str, count: int, concurrency: int, log_dir: Path) -> Iterator[str]:
+    redis.Redis.from_url(url).flushdb()
+    use_broker(url)
+    workers = LocalWorkers(url, concurrency=concurrency, count=count, log_dir=log_dir).start()
+    try:
+        yield url
+    finally:
+        workers.stop()
+
+
+@pytest.fixture
+def embedded_cluster(spool: Path, tmp_path: Path) -> Iterator[str]:
+    """The embedded default: bundled redis-server on a free port plus one local worker."""
+    server = EmbeddedRedis().start()
+    try:
+        yield from _cluster(server.url, count=1, concurrency=2, log_dir=tmp_path)
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def system_cluster(spool: Path, tmp_path: Path) -> Iterator[str]:
+    """The machine's own Redis with two worker processes, as a department would run it."""
+    try:
+        redis.Redis.from_url(SYSTEM_REDIS, socket_connect_timeout=1).ping()
+    except redis.ConnectionError:
+        pytest.skip(f"no Redis at {SYSTEM_REDIS} (bash .ci/run starts one)")
+    yield from _cluster(SYSTEM_REDIS, count=2, concurrency=1, log_dir=tmp_path)

@@ -12,8 +12,13 @@ from typing import Annotated, Any, Optional
 import typer
 
 from orchestration import console as terminal
-from orchestration.jobs import JobFailed, submit_export, wait
-from orchestration.summary import EXPORT_STAGES, export_summary
+from orchestration.jobs import JobFailed, submit, wait
+from orchestration.summary import EXPORT_STAGES, IMPORT_STAGES, job_summary
+from orchestration.listing import disc_listing
+from tasks.dimse import STORE_MODES, Node
+from tasks.media_source import MediaError
+from tasks.reconcile import RulesError, load_rules
+from tasks.scan import read_medium
 from tasks.spool import JobSpool
 from tasks.transfer_syntax import POLICIES
 from workers.app import STAGES, app, use_broker
@@ -48,15 +53,17 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def run_export(request: dict[str, Any], as_json: bool) -> dict[str, Any]:
+def run_job(kind: str, request: dict[str, Any], as_json: bool) -> dict[str, Any]:
+    """Submit one job, follow it with progress bars, return its summary with stage timings."""
+    stages = EXPORT_STAGES if kind == "export" else IMPORT_STAGES
     started = time.monotonic()
     with runtime():
-        job_id = submit_export(request)
-        with terminal.job_progress(EXPORT_STAGES[1:], enabled=not as_json) as on_progress:
+        job_id = submit(kind, request)
+        with terminal.job_progress(stages[1:], enabled=not as_json) as on_progress:
             wait(job_id, on_progress)
         timings = read_timings(app, job_id)
     spool = JobSpool(get_settings().spool_dir, job_id)
-    return export_summary(spool, timings, time.monotonic() - started)
+    return job_summary(spool, timings, time.monotonic() - started, stages)
 
 
 def _report(summary: dict[str, Any], as_json: bool, title: str) -> None:
@@ -77,7 +84,6 @@ def _source(source: Optional[Path], from_node: Optional[str], patient_id: Option
         return {"folder": str(source.resolve())}
     if not (patient_id or study_uid or accession):
         raise UsageError("--from-node needs --patient-id, --study-uid or --accession")
-    from tasks.dimse import Node
     Node.parse(from_node)  # fail early on a malformed address
     return {"node": from_node, "patient_id": patient_id, "study_uids": list(study_uid), "accession_number": accession}
 
@@ -114,10 +120,66 @@ def export(
         _fail(str(error))
     out.mkdir(parents=True, exist_ok=True)
     try:
-        summary = run_export(request, as_json)
+        summary = run_job("export", request, as_json)
     except (JobFailed, EmbeddedBrokerError) as error:
         _fail(str(error), 1)
     _report(summary, as_json, "export")
+
+
+@cli.command("import")
+def import_(
+    disc: Annotated[Path, typer.Argument(help="An ISO image, a ZIP, or a folder / mounted drive.")],
+    to: Annotated[Optional[str], typer.Option(help="The local PACS, AE@HOST:PORT.")] = None,
+    send: Annotated[str, typer.Option(help="keep | uncompressed | negotiate (original where the PACS accepts it).")] = "negotiate",
+    rules: Annotated[Optional[Path], typer.Option(help="Reconciliation rules (TOML).")] = None,
+    study: Annotated[list[str], typer.Option(help="Import only this Study Instance UID (repeatable).")] = [],
+    list_only: Annotated[bool, typer.Option("--list", help="Only show what is on the disc.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Import an outside disc into the local PACS; the disc is treated as untrusted.
+
+    Examples:
+
+        discflow import disc.iso --list
+
+        discflow import disc.iso --to PACS@127.0.0.1:4242 --send keep --json
+
+        discflow import /media/cdrom --to PACS@127.0.0.1:4242 --rules rules.toml --study 1.2.3.4
+    """
+    if not disc.exists():
+        _fail(f"disc not found: {disc}")
+    if list_only:
+        _list_disc(disc, as_json)
+        return
+    if send not in STORE_MODES:
+        _fail(f"unknown --send {send!r}; choose one of {', '.join(STORE_MODES)}")
+    if not to:
+        _fail("--to AE@HOST:PORT is required (or use --list)")
+    try:
+        Node.parse(to)
+        load_rules(rules)
+    except (ValueError, RulesError) as error:
+        _fail(str(error))
+    request = {"medium": str(disc.resolve()), "node": to, "send": send, "studies": list(study),
+               "rules": str(rules.resolve()) if rules else None}
+    try:
+        summary = run_job("import", request, as_json)
+    except (JobFailed, EmbeddedBrokerError) as error:
+        _fail(str(error), 1)
+    _report(summary, as_json, "import")
+
+
+def _list_disc(disc: Path, as_json: bool) -> None:
+    try:
+        found = read_medium(disc)
+    except MediaError as error:
+        _fail(str(error), 1)
+    listing = disc_listing(found)
+    if as_json:
+        typer.echo(json.dumps(listing, indent=2))
+    else:
+        terminal.print_listing(listing)
+    raise typer.Exit(0 if found.instances else 1)
 
 
 @cli.command()
@@ -140,7 +202,7 @@ def demo(
     out.mkdir(parents=True, exist_ok=True)
     request = {"source": {"folder": str(study)}, "syntax": "keep", "out_dir": str(out.resolve())}
     try:
-        summary = run_export(request, as_json)
+        summary = run_job("export", request, as_json)
     except (JobFailed, EmbeddedBrokerError) as error:
         _fail(str(error), 1)
     _report(summary, as_json, "demo export")

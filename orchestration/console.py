@@ -51,3 +51,25 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
     skipped = summary.get("skipped", [])
     if skipped:
         out.print(f"{len(skipped)} file(s) skipped (not DICOM or incomplete); see --json for the list")
+
+
+def print_listing(listing: dict[str, Any]) -> None:
+    out = Console()
+    table = Table(title=f"{listing['instances']} instances on the disc "
+                        f"({'DICOMDIR' if listing['used_dicomdir'] else 'no usable DICOMDIR: files walked'})")
+    for column in ("patient", "study date", "study", "series", "modality", "images", "MB"):
+        table.add_column(column)
+    for patient in listing["patients"]:
+        for study in patient["studies"]:
+            for series in study["series"]:
+                table.add_row(f"{patient['name']} ({patient['id']})", study["date"], study["description"],
+                              f"{series['number']} {series['description']}".strip(), series["modality"],
+                              str(series["instances"]), f"{series['bytes'] / MB:.1f}")
+    out.print(table)
+    for syntax, count in listing["syntaxes"].items():
+        out.print(f"{count:6d}  {syntax}")
+    for problem in listing["dicomdir_problems"]:
+        out.print(f"[yellow]DICOMDIR[/yellow] {problem}")
+    for problem in listing["problems"]:
+        colour = "red" if problem["severity"] == "error" else "yellow"
+        out.print(f"[{colour}]{problem['severity']}[/{colour}] {problem['file']}: {problem['reason']}", highlight=False)

@@ -9,7 +9,7 @@ from typing import Any
 
 from celery.result import AsyncResult
 
-from tasks.scan import REQUEST, scan_export_task
+from tasks.scan import REQUEST, scan_export_task, scan_import_task
 from tasks.spool import JobSpool
 from workers import progress
 from workers.app import app
@@ -27,17 +27,28 @@ def new_job_id(kind: str) -> str:
     return f"{kind[:2]}{stamp}-{uuid.uuid4().hex[:8]}"
 
 
-def submit_export(request: dict[str, Any]) -> str:
+FIRST_TASK = {"export": scan_export_task, "import": scan_import_task}
+
+
+def submit(kind: str, request: dict[str, Any]) -> str:
     """Write the request to the spool and publish the job's first task; returns the job id.
 
     The scan task's id is the job id: Celery carries it through ``replace`` to the final task,
     so the job's result is this id's result.
     """
-    job_id = new_job_id("export")
+    job_id = new_job_id(kind)
     spool = JobSpool(get_settings().spool_dir, job_id).create()
     spool.write(REQUEST, request)
-    scan_export_task.apply_async((job_id,), task_id=job_id)
+    FIRST_TASK[kind].apply_async((job_id,), task_id=job_id)
     return job_id
+
+
+def submit_export(request: dict[str, Any]) -> str:
+    return submit("export", request)
+
+
+def submit_import(request: dict[str, Any]) -> str:
+    return submit("import", request)
 
 
 def wait(job_id: str, on_progress: ProgressCallback | None = None, timeout: float | None = None,

@@ -4,11 +4,11 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from tasks.media import SUMMARY
 from tasks.spool import JobSpool, read_json
 from workers.timing import TaskTiming
 
 EXPORT_STAGES = ("scan", "transcode", "media")
+IMPORT_STAGES = ("scan", "transcode", "store")
 
 
 def stage_table(timings: list[TaskTiming], stages: tuple[str, ...]) -> dict[str, dict[str, float]]:
@@ -31,8 +31,20 @@ def stage_table(timings: list[TaskTiming], stages: tuple[str, ...]) -> dict[str,
     return table
 
 
-def export_summary(spool: JobSpool, timings: list[TaskTiming], wall_seconds: float) -> dict[str, Any]:
-    summary = read_json(spool.path / SUMMARY)
-    summary["stages"] = stage_table(timings, EXPORT_STAGES)
+def job_summary(spool: JobSpool, timings: list[TaskTiming], wall_seconds: float, stages: tuple[str, ...]
+                ) -> dict[str, Any]:
+    """The spool's outcome of a finished job, with its stage table and wall time added."""
+    summary = read_json(spool.summary_path)
+    summary["stages"] = stage_table(timings, stages)
+    for row in summary["stages"].values():
+        row["bytes"] = row["bytes_out"]
     summary["seconds"] = round(wall_seconds, 3)
     return summary
+
+
+def export_summary(spool: JobSpool, timings: list[TaskTiming], wall_seconds: float) -> dict[str, Any]:
+    return job_summary(spool, timings, wall_seconds, EXPORT_STAGES)
+
+
+def import_summary(spool: JobSpool, timings: list[TaskTiming], wall_seconds: float) -> dict[str, Any]:
+    return job_summary(spool, timings, wall_seconds, IMPORT_STAGES)

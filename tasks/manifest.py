@@ -58,6 +58,8 @@ class Instance:
     """copy: bytes go to the media as they are; convert: transcode to ``target_syntax``;
     rewrite: re-encode as Part 10 without touching pixels (bare dataset, missing meta)."""
     target_syntax: str | None = None
+    edits: dict[str, str] = field(default_factory=dict)
+    """Import reconciliation: attribute values to set before the instance is stored."""
 
 
 @dataclass
@@ -79,6 +81,8 @@ class Manifest:
     instances: list[Instance] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     """Files not taken, each ``{"file": ..., "reason": ...}``."""
+    notes: list[dict[str, str]] = field(default_factory=list)
+    """Warnings that did not stop a file (e.g. a duplicate copy), same shape as ``skipped``."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,7 +95,7 @@ class Manifest:
             studies=[Level(**s) for s in value.get("studies", [])],
             series=[Level(**s) for s in value.get("series", [])],
             instances=[Instance(**i) for i in value.get("instances", [])],
-            skipped=value.get("skipped", []),
+            skipped=value.get("skipped", []), notes=value.get("notes", []),
         )
 
     def batches(self, size: int, indices: list[int] | None = None) -> list[list[int]]:

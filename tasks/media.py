@@ -19,8 +19,6 @@ from workers.app import app
 from workers.settings import get_settings
 from workers.timing import stage_timer
 
-SUMMARY = "summary.json"
-
 
 def load_manifest(spool: JobSpool) -> Manifest:
     return Manifest.from_json(read_json(spool.manifest_path))
@@ -134,7 +132,7 @@ def finish_export(spool: JobSpool) -> dict[str, Any]:
         "volumes": [{"path": v["path"], "bytes": v["bytes"], "instances": v["instances"]} for v in volumes],
         "failures": plan["failures"], "skipped": manifest.skipped,
     }
-    write_json(spool.path / SUMMARY, summary)
+    write_json(spool.summary_path, summary)
     return {"job_id": spool.job_id, "status": status, "written": written, "failed": failed}
 
 

@@ -12,6 +12,9 @@ from celery import chord
 from tasks import transfer_syntax
 from tasks.dicom_header import NotDicomError, read_header
 from tasks.manifest import Manifest, ManifestBuilder
+from tasks.media_scan import MediaScan, scan_medium
+from tasks.media_source import open_medium
+from tasks.reconcile import PatientLookup, load_rules, plan_instance_edits, plan_patient_edits
 from tasks.spool import JobSpool, write_json
 from workers import progress
 from workers.app import app
@@ -93,10 +96,76 @@ def scan_export_task(self, job_id: str):
     return self.replace(chord(header, plan_media_task.s(job_id)))
 
 
-def write_batches(spool: JobSpool, manifest: Manifest, work: list[int]) -> int:
-    """Write one small work file per transcode batch, so a task never parses the whole manifest."""
+def write_batches(spool: JobSpool, manifest: Manifest, work: list[int], stage: str = "transcode") -> int:
+    """Write one small work file per batch, so a task never parses the whole manifest."""
     batch_size = int(manifest.options.get("batch_size") or get_settings().batch_size)
     batches = manifest.batches(batch_size, work)
     for number, indices in enumerate(batches):
-        write_json(spool.batch_path("transcode", number), [asdict(manifest.instances[i]) for i in indices])
+        write_json(spool.batch_path(stage, number), [asdict(manifest.instances[i]) for i in indices])
     return len(batches)
+
+
+def read_medium(location: str | Path) -> MediaScan:
+    """Everything scan learns from a medium: instances (headers only) and problems."""
+    settings = get_settings()
+    with open_medium(Path(location)) as medium:
+        return scan_medium(medium, max_pixels=settings.max_pixels_per_instance)
+
+
+def build_import_manifest(job_id: str, request: dict[str, Any], found: MediaScan,
+                          lookup: PatientLookup | None = None) -> Manifest:
+    """Group what the medium holds, keep the studies asked for, and plan reconciliation edits."""
+    rules = load_rules(Path(request["rules"]) if request.get("rules") else None)
+    builder = ManifestBuilder(job_id, "import", request)
+    for problem in found.problems:
+        entry = {"file": problem.file, "reason": problem.reason}
+        if problem.severity == "error":
+            builder.manifest.skipped.append({**entry, "kind": "refused"})
+        elif problem.reason.startswith("skipped"):
+            builder.manifest.skipped.append({**entry, "kind": "not-dicom"})
+        else:
+            builder.manifest.notes.append(entry)
+    wanted = set(request.get("studies") or [])
+    patient_edits: dict[int, dict[str, str]] = {}
+    for item in found.instances:
+        if wanted and item.study_instance_uid not in wanted:
+            continue
+        instance = builder.add(item.path, item.size, item.header, item.transfer_syntax)
+        instance.action = "copy" if item.has_preamble else "rewrite"
+        if instance.patient not in patient_edits:
+            patient_edits[instance.patient] = plan_patient_edits(item.header, rules, lookup)
+        instance.edits = {**patient_edits[instance.patient], **plan_instance_edits(item.header, rules)}
+    manifest = builder.manifest
+    manifest.options.update(syntaxes=found.syntaxes(), used_dicomdir=found.used_dicomdir,
+                            dicomdir_problems=found.dicomdir_problems, reason=rules.reason)
+    return manifest
+
+
+def scan_import(spool: JobSpool) -> Manifest:
+    request: dict[str, Any] = spool.read(REQUEST)
+    found = read_medium(request["medium"])
+    manifest = build_import_manifest(spool.job_id, request, found)
+    spool.write(REQUEST, {**request, "reason": manifest.options["reason"]})
+    spool.write("manifest.json", manifest.to_json())
+    return manifest
+
+
+@app.task(bind=True, name="discflow.scan.import")
+def scan_import_task(self, job_id: str):
+    from celery import chain
+    from tasks.store import finish_import_task, store_batch_task
+    from tasks.transcode import prepare_import_batch_task
+
+    spool = JobSpool(get_settings().spool_dir, job_id)
+    with stage_timer(self, job_id, "scan") as timing:
+        manifest = scan_import(spool)
+        timing.count(len(manifest.instances), manifest.source_bytes(), 0)
+    batch_count = write_batches(spool, manifest, [i.index for i in manifest.instances], "store")
+    broker = self.app.conf.broker_url
+    progress.set_total(broker, job_id, "transcode", len(manifest.instances))
+    progress.set_total(broker, job_id, "store", len(manifest.instances))
+    if not batch_count:
+        return self.replace(finish_import_task.si([], job_id))
+    header = [chain(prepare_import_batch_task.si(job_id, n), store_batch_task.si(job_id, n))
+              for n in range(batch_count)]
+    return self.replace(chord(header, finish_import_task.s(job_id)))

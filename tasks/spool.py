@@ -68,6 +68,11 @@ class JobSpool:
         return self.path / MANIFEST
 
     @property
+    def summary_path(self) -> Path:
+        """The finished job's outcome, written by its last task."""
+        return self.path / "summary.json"
+
+    @property
     def source_dir(self) -> Path:
         """Instances retrieved from a DICOM node or extracted from media."""
         return self.path / "source"

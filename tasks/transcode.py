@@ -4,9 +4,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian
+
 from tasks import transfer_syntax
 from tasks.manifest import Instance
-from tasks.spool import JobSpool, read_json, write_json
+from tasks.media_source import MediaError, Medium, RefusedFile, extract, open_medium
+from tasks.reconcile import apply_edits
+from tasks.spool import JobSpool, atomic_writer, read_json, write_json
 from workers import progress
 from workers.app import app
 from workers.settings import get_settings
@@ -59,6 +64,67 @@ def transcode_batch_task(self, job_id: str, number: int) -> dict[str, int]:
     spool = JobSpool(settings.spool_dir, job_id)
     with stage_timer(self, job_id, "transcode") as timing:
         outcomes = transcode_batch(spool, number)
+        timing.count(len(outcomes), sum(o.bytes_in for o in outcomes), sum(o.bytes_out for o in outcomes))
+    progress.advance(self.app.conf.broker_url, job_id, "transcode", len(outcomes))
+    return {"batch": number, "ok": sum(o.ok for o in outcomes), "failed": sum(not o.ok for o in outcomes)}
+
+
+# --- import: take instances off the medium, reconcile, convert when the send mode asks ---------
+
+def _imported_path(spool: JobSpool, index: int, suffix: str = "") -> Path:
+    return spool.source_dir / f"{index // 1000:04d}" / f"{index:08d}{suffix}.dcm"
+
+
+def _write_edited(path: Path, instance: Instance, reason: str) -> None:
+    """Apply reconciliation edits (pixel data untouched, not decoded) and write proper Part 10."""
+    dataset = pydicom.dcmread(path, force=True)
+    apply_edits(dataset, instance.edits, reason)
+    meta = dataset.file_meta
+    meta.TransferSyntaxUID = meta.get("TransferSyntaxUID") or instance.transfer_syntax
+    meta.MediaStorageSOPClassUID = dataset.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    with atomic_writer(path) as handle:
+        dataset.save_as(handle, enforce_file_format=True)
+
+
+def prepare_import_instance(medium: Medium, spool: JobSpool, instance: Instance, send: str,
+                            reason: str) -> Outcome:
+    extracted = _imported_path(spool, instance.index)
+    try:
+        size = extract(medium, instance.source, extracted, max_bytes=instance.size)
+        if instance.action == "rewrite" and not instance.edits:
+            transfer_syntax.rewrite_part10(extracted, extracted)
+        elif instance.edits or instance.action == "rewrite":
+            _write_edited(extracted, instance, reason)
+        path, syntax = extracted, instance.transfer_syntax
+        if send == "uncompressed" and transfer_syntax.needs_conversion(syntax, ExplicitVRLittleEndian):
+            path = _imported_path(spool, instance.index, "-raw")
+            syntax = transfer_syntax.convert_file(extracted, path, ExplicitVRLittleEndian).transfer_syntax
+    except (transfer_syntax.ConversionError, RefusedFile, MediaError) as error:
+        return Outcome(instance.index, False, reason=str(error), bytes_in=instance.size)
+    except Exception as error:  # noqa: BLE001 — one bad file must not fail its batch
+        return Outcome(instance.index, False, reason=f"{type(error).__name__}: {error}", bytes_in=instance.size)
+    return Outcome(instance.index, True, str(path), syntax, instance.sop_instance_uid, size, path.stat().st_size)
+
+
+def prepare_import_batch(spool: JobSpool, number: int) -> list[Outcome]:
+    outcome_path = spool.outcome_path("transcode", number)
+    if outcome_path.exists():
+        return [Outcome(**o) for o in read_json(outcome_path)]
+    request = read_json(spool.path / "request.json")
+    instances = [Instance(**i) for i in read_json(spool.batch_path("store", number))]
+    with open_medium(Path(request["medium"])) as medium:
+        outcomes = [prepare_import_instance(medium, spool, i, request.get("send", "negotiate"),
+                                            request.get("reason", "COERCE")) for i in instances]
+    write_json(outcome_path, [asdict(o) for o in outcomes])
+    return outcomes
+
+
+@app.task(bind=True, name="discflow.transcode.prepare_import")
+def prepare_import_batch_task(self, job_id: str, number: int) -> dict[str, int]:
+    spool = JobSpool(get_settings().spool_dir, job_id)
+    with stage_timer(self, job_id, "transcode") as timing:
+        outcomes = prepare_import_batch(spool, number)
         timing.count(len(outcomes), sum(o.bytes_in for o in outcomes), sum(o.bytes_out for o in outcomes))
     progress.advance(self.app.conf.broker_url, job_id, "transcode", len(outcomes))
     return {"batch": number, "ok": sum(o.ok for o in outcomes), "failed": sum(not o.ok for o in outcomes)}

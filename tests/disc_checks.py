@@ -11,7 +11,8 @@ import pydicom
 def isoinfo_paths(iso: Path) -> list[str]:
     """ISO 9660 file paths as isoinfo lists them, version suffix removed, files only."""
     output = subprocess.run(["isoinfo", "-i", str(iso), "-f"], check=True, capture_output=True, text=True).stdout
-    paths = [line.strip().split(";")[0] for line in output.splitlines() if line.strip()]
+    # ISO 9660 names carry ";1" and, without an extension, a trailing "." that readers drop.
+    paths = [line.strip().split(";")[0].rstrip(".") for line in output.splitlines() if line.strip()]
     directories = {p.rsplit("/", 1)[0] for p in paths}
     return [p.lstrip("/") for p in paths if p not in directories]
 
@@ -31,7 +32,8 @@ def pycdlib_read(iso: Path, iso_path: str) -> bytes:
     disc.open(str(iso))
     try:
         buffer = io.BytesIO()
-        disc.get_file_from_iso_fp(buffer, iso_path="/" + iso_path + ";1")
+        name = "/" + iso_path + ("" if "." in iso_path.rsplit("/", 1)[-1] else ".")
+        disc.get_file_from_iso_fp(buffer, iso_path=name + ";1")
         return buffer.getvalue()
     finally:
         disc.close()

@@ -1,0 +1,207 @@
+"""The disc image of a volume: ISO 9660 Level 1 plus Joliet, written with pycdlib.
+
+Names (PS3.12 F.1.2.1, ECMA-119 7.5/7.6)
+    The DICOM file-set (``DICOMDIR`` and ``DICOM/...``) has ISO 9660 Level 1 names already:
+    components of at most 8 characters from A-Z, 0-9 and ``_``, no extension. On the media a
+    file identifier always carries the separator and version, so the file ID
+    ``DICOM/P0000001/.../I0000001`` is recorded as ``/DICOM/P0000001/.../I0000001.;1`` and the
+    DICOMDIR as ``/DICOMDIR.;1``, exactly as PS3.12 F.1.2.1 spells it. Readers (isoinfo -f prints
+    them raw; the Linux kernel, Windows and xorriso strip ``.;1``) show ``DICOMDIR``.
+    The Joliet tree carries the same paths without ``.;1``, so an operating system that reads
+    Joliet (Windows, macOS, Linux by default) sees the DICOM names unchanged, and the long
+    names of the human-readable extras (``IHE_PDI/...``) intact. Where such an extra path is not
+    Level 1 conformant, its ISO 9660 name is derived (upper case, invalid characters to ``_``,
+    8.3, made unique) -- see :func:`level1_path`.
+
+Speed
+    Directories are created once each, parents first; files are added by name (pycdlib opens
+    each while mastering, so no descriptor is held per file) and pycdlib defers the extent
+    layout to the single write, so adding n files is linear. The image is streamed to a
+    temporary file beside the target with a 1 MiB block and renamed over it.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
+
+import pycdlib
+
+from tasks.spool import atomic_writer
+
+__all__ = ["build_iso", "level1_path", "read_iso_listing"]
+
+_D_CHARACTERS = re.compile(r"[A-Z0-9_]+")
+_VOLUME_ID = re.compile(r"[A-Z0-9_]{0,32}")
+_MAX_DIRECTORY_DEPTH = 8  # ISO 9660: the root and at most 7 levels below it (ECMA-119 6.8.2.1)
+_JOLIET_MAX = 64          # Joliet: at most 64 UCS-2 characters per name
+_WRITE_BLOCK = 1 << 20
+
+
+def _component(name: str, limit: int) -> str:
+    """``name`` upper-cased, non-d-characters replaced by ``_``, cut to ``limit`` characters."""
+    cleaned = re.sub(r"[^A-Z0-9_]", "_", name.upper())[:limit]
+    return cleaned or "_"
+
+
+class _Level1Names:
+    """Deterministic ISO 9660 Level 1 names for media paths, unique within each directory."""
+
+    def __init__(self) -> None:
+        self._taken: dict[str, set[str]] = {}
+        self._mapped: dict[tuple[str, str], str] = {}
+
+    def name(self, parent: str, component: str, is_file: bool) -> str:
+        key = (parent, component)
+        if key in self._mapped:
+            return self._mapped[key]
+        if is_file and "." in component.strip("."):
+            stem, _, extension = component.rpartition(".")
+            base, ext = _component(stem, 8), _component(extension, 3)
+        else:
+            base, ext = _component(component, 8), ""
+        taken = self._taken.setdefault(parent, set())
+        candidate, counter = base, 1
+        while _join(candidate, ext) in taken:
+            suffix = f"_{counter}"
+            candidate = base[:8 - len(suffix)] + suffix
+            counter += 1
+        result = _join(candidate, ext)
+        if _D_CHARACTERS.fullmatch(component) and len(component) <= 8 and result != component:
+            # A conformant name (every DICOM File ID component) must reach the media unchanged.
+            raise ValueError(f"{parent}/{component}: name already taken by a derived ISO 9660 name")
+        taken.add(result)
+        self._mapped[key] = result
+        return result
+
+
+def _join(name: str, extension: str) -> str:
+    return f"{name}.{extension}" if extension else name
+
+
+def level1_path(media_path: str) -> str:
+    """The ISO 9660 Level 1 path (without ``.;1``) a single media path gets on its own.
+
+    ``DICOM/P0000001/S0000001/S0000001/I0000001`` and ``README.TXT`` stay as they are;
+    ``IHE_PDI/series-1-thumbnail.jpeg`` becomes ``IHE_PDI/SERIES_1.JPE``. Within one image,
+    :func:`build_iso` also makes derived names unique (``SERIES_1``, ``SERIE_1``...).
+    """
+    names = _Level1Names()
+    parts = _split(media_path)
+    out: list[str] = []
+    for depth, part in enumerate(parts):
+        out.append(names.name("/".join(out), part, is_file=depth == len(parts) - 1))
+    return "/".join(out)
+
+
+def _split(media_path: str) -> list[str]:
+    path = PurePosixPath(media_path.replace("\\", "/"))
+    parts = [p for p in path.parts if p not in ("/", "")]
+    if not parts or any(p in (".", "..") for p in parts):
+        raise ValueError(f"media path {media_path!r} is empty or leaves the media root")
+    if len(parts) > _MAX_DIRECTORY_DEPTH:
+        raise ValueError(f"media path {media_path!r} is deeper than ISO 9660 allows (8 levels)")
+    for part in parts:
+        if len(part) > _JOLIET_MAX:
+            raise ValueError(f"media path {media_path!r}: component {part!r} is longer than 64 characters")
+    return parts
+
+
+def _iso_file_identifier(name: str) -> str:
+    """``NAME`` -> ``NAME.;1``, ``NAME.EXT`` -> ``NAME.EXT;1`` (the separator is always recorded)."""
+    return f"{name};1" if "." in name else f"{name}.;1"
+
+
+class _Layout:
+    """The directories and files of one image, both trees, added to pycdlib in one pass."""
+
+    def __init__(self, disc: pycdlib.PyCdlib, joliet: bool) -> None:
+        self.disc = disc
+        self.joliet = joliet
+        self.names = _Level1Names()
+        self.directories: dict[tuple[str, ...], str] = {(): ""}  # media parts -> ISO path
+        self.files: set[tuple[str, ...]] = set()
+        self.joliet_names: set[str] = set()
+
+    def _directory(self, parts: tuple[str, ...]) -> str:
+        known = self.directories.get(parts)
+        if known is not None:
+            return known
+        if parts in self.files:
+            raise ValueError(f"{'/'.join(parts)} is both a file and a directory")
+        parent = self._directory(parts[:-1])
+        iso_path = f"{parent}/{self.names.name(parent, parts[-1], is_file=False)}"
+        joliet_path = "/" + "/".join(parts) if self.joliet else None
+        self.disc.add_directory(iso_path, joliet_path=joliet_path)
+        self.directories[parts] = iso_path
+        return iso_path
+
+    def add(self, media_path: str, source: Path | bytes) -> None:
+        parts = tuple(_split(media_path))
+        if parts in self.files or parts in self.directories:
+            raise ValueError(f"{'/'.join(parts)} is on the image twice")
+        if self.joliet:
+            folded = "/".join(parts).upper()  # Joliet readers (Windows) compare case-insensitively
+            if folded in self.joliet_names:
+                raise ValueError(f"{'/'.join(parts)} differs from another path only in case")
+            self.joliet_names.add(folded)
+        parent = self._directory(parts[:-1])
+        self.files.add(parts)
+        iso_path = f"{parent}/{_iso_file_identifier(self.names.name(parent, parts[-1], is_file=True))}"
+        joliet_path = "/" + "/".join(parts) if self.joliet else None
+        if isinstance(source, bytes):
+            self.disc.add_fp(io.BytesIO(source), len(source), iso_path, joliet_path=joliet_path)
+        else:
+            self.disc.add_file(os.fspath(source), iso_path, joliet_path=joliet_path)
+
+
+def build_iso(path: Path, files: Iterable[tuple[str, Path]], *, volume_id: str,
+              extra_files: Iterable[tuple[str, bytes]] = (), joliet: bool = True) -> int:
+    """Write an ISO 9660 image of ``files`` and ``extra_files`` to ``path``; return its size in bytes.
+
+    ``files`` are (media path, file on disk), e.g. ``("DICOMDIR", staging / "DICOMDIR")`` and
+    ``("DICOM/P0000001/S0000001/S0000001/I0000001", spool_file)``; ``extra_files`` are small
+    generated files given as bytes (README.TXT, INDEX.HTM, IHE_PDI/...). ``volume_id`` goes to
+    the Primary (and Joliet) Volume Descriptor; PS3.12 F.1.1 wants the File-set ID there, so pass
+    the DICOMDIR's ``file_set_id``. The image is written beside ``path`` under a temporary name
+    and renamed over it, so a rerun never leaves half an image behind.
+    """
+    if not _VOLUME_ID.fullmatch(volume_id):
+        raise ValueError(f"volume ID {volume_id!r} must be at most 32 characters of A-Z, 0-9 and _")
+    path = Path(path)
+    disc = pycdlib.PyCdlib()
+    disc.new(interchange_level=1, vol_ident=volume_id, joliet=3 if joliet else None,
+             app_ident_str="DISCFLOW")
+    try:
+        layout = _Layout(disc, joliet)
+        for media_path, source in files:
+            layout.add(media_path, Path(source))
+        for media_path, content in extra_files:
+            layout.add(media_path, bytes(content))
+        with atomic_writer(path) as handle:
+            disc.write_fp(handle, blocksize=_WRITE_BLOCK)
+    finally:
+        disc.close()
+    os.chmod(path, 0o644)  # mkstemp made it 0600; burners and viewers run as other users
+    return path.stat().st_size
+
+
+def read_iso_listing(path: Path) -> list[str]:
+    """Every file path in the ISO 9660 tree of the image at ``path``, relative to the root,
+    version (``;1``) and the empty-extension dot removed: ``DICOMDIR``, ``DICOM/P0000001/...``."""
+    disc = pycdlib.PyCdlib()
+    disc.open(os.fspath(path))
+    try:
+        listing: list[str] = []
+        for directory, _dirs, names in disc.walk(iso_path="/"):
+            prefix = directory.strip("/")
+            for name in names:
+                plain = name.split(";", 1)[0]
+                if plain.endswith("."):
+                    plain = plain[:-1]
+                listing.append(f"{prefix}/{plain}" if prefix else plain)
+        return sorted(listing)
+    finally:
+        disc.close()

@@ -1,0 +1,101 @@
+"""store: C-STORE prepared instances to the PACS over parallel associations; finish the import."""
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.dimse import Node, store_files
+from tasks.manifest import Manifest
+from tasks.spool import JobSpool, read_json, write_json
+from workers import progress
+from workers.app import app
+from workers.settings import get_settings
+from workers.timing import stage_timer
+
+
+@dataclass
+class StoreResult:
+    index: int
+    ok: bool
+    status: int | None = None
+    sent_syntax: str = ""
+    bytes: int = 0
+    reason: str = ""
+
+
+def store_batch(spool: JobSpool, number: int) -> list[StoreResult]:
+    """Send what the prepare step produced for batch ``number``; a batch already stored is not resent."""
+    outcome_path = spool.outcome_path("store", number)
+    previous = {r["index"]: StoreResult(**r) for r in read_json(outcome_path)} if outcome_path.exists() else {}
+    prepared = read_json(spool.outcome_path("transcode", number))
+    results = {p["index"]: StoreResult(p["index"], False, reason=p["reason"]) for p in prepared if not p["ok"]}
+    results.update({i: r for i, r in previous.items() if r.ok})
+    pending = [p for p in prepared if p["ok"] and p["index"] not in results]
+    if pending:
+        settings = get_settings()
+        request = read_json(spool.path / "request.json")
+        outcomes = store_files(Node.parse(request["node"]), [Path(p["path"]) for p in pending],
+                               mode=request.get("send", "negotiate"), associations=settings.store_associations,
+                               calling_ae=settings.ae_title, timeout=settings.network_timeout_seconds,
+                               retries=settings.store_retries)
+        for item, outcome in zip(pending, outcomes):
+            results[item["index"]] = StoreResult(item["index"], outcome.ok, outcome.status, outcome.sent_syntax or "",
+                                                 item["bytes_out"], outcome.reason)
+    ordered = [results[p["index"]] for p in prepared]
+    write_json(outcome_path, [asdict(r) for r in ordered])
+    return ordered
+
+
+def finish_import(spool: JobSpool) -> dict[str, Any]:
+    """Write the job's outcome to the spool; return counts only (task results are visible to operators)."""
+    manifest = Manifest.from_json(read_json(spool.manifest_path))
+    stored = {r["index"]: r for batch in spool.outcomes("store") for r in batch}
+    refused = [{"file": s["file"], "reason": s["reason"]} for s in manifest.skipped if s.get("kind") == "refused"]
+    failures = [{"file": manifest.instances[i].source, "reason": r["reason"]} for i, r in stored.items() if not r["ok"]]
+    failures += refused
+    not_dicom = [s for s in manifest.skipped if s.get("kind") != "refused"]
+    ok = sum(1 for r in stored.values() if r["ok"])
+    total = len(manifest.instances) + len(refused)
+    status = "succeeded" if ok == total else ("partial" if ok else "failed")
+    summary = {
+        "job_id": spool.job_id, "status": status,
+        "instances": {"total": total, "stored": ok, "failed": len(failures), "skipped": len(not_dicom)},
+        "syntaxes": manifest.options.get("syntaxes", {}),
+        "failures": failures, "skipped": not_dicom, "notes": manifest.notes,
+        "dicomdir": {"used": manifest.options.get("used_dicomdir", False),
+                     "problems": manifest.options.get("dicomdir_problems", [])},
+        "sent_syntaxes": _count(r["sent_syntax"] for r in stored.values() if r["ok"]),
+    }
+    write_json(spool.summary_path, summary)
+    if status == "succeeded":
+        shutil.rmtree(spool.source_dir, ignore_errors=True)  # extracted copies of patient data
+    return {"job_id": spool.job_id, "status": status, "stored": ok, "failed": len(failures)}
+
+
+def _count(values) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return counts
+
+
+def _spool(job_id: str) -> JobSpool:
+    return JobSpool(get_settings().spool_dir, job_id)
+
+
+@app.task(bind=True, name="discflow.store.batch")
+def store_batch_task(self, job_id: str, number: int) -> dict[str, int]:
+    with stage_timer(self, job_id, "store") as timing:
+        results = store_batch(_spool(job_id), number)
+        sent = sum(r.bytes for r in results if r.ok)
+        timing.count(len(results), sent, sent)
+    progress.advance(self.app.conf.broker_url, job_id, "store", len(results))
+    return {"batch": number, "ok": sum(r.ok for r in results), "failed": sum(not r.ok for r in results)}
+
+
+@app.task(bind=True, name="discflow.store.finish")
+def finish_import_task(self, _batches: list, job_id: str) -> dict[str, Any]:
+    with stage_timer(self, job_id, "store"):
+        return finish_import(_spool(job_id))

@@ -6,8 +6,8 @@ needs is already in the job manifest (header subsets as DICOM JSON), so this mod
 records from those subsets and encodes the file in one pass.
 
 How the offsets are computed
-    Each record is one item of the Directory Record Sequence. Its body (Directory Record Type and
-    the keys) is encoded once with pydicom; the three group-0004 elements that carry offsets,
+    Each record is one item of the Directory Record Sequence. Its body (record type, referenced
+    file, keys) is encoded once, without offsets; the three group-0004 elements that carry them,
     (0004,1400) Offset of the Next Directory Record, (0004,1410) Record In-use Flag and
     (0004,1420) Offset of Referenced Lower-Level Directory Entity, sort before every key and have
     fixed lengths (UL, US, UL), so they are packed by hand in front of the body. All item lengths
@@ -16,15 +16,36 @@ How the offsets are computed
     the 128-byte preamble and ``DICM`` included, as PS3.3 F.3.2.1 defines them (the File Meta
     Information starts with the preamble).
 
+    Group 0004 of a record, i.e. also (0004,1430) Directory Record Type and the leaf's
+    (0004,1500)-(0004,1512) Referenced File ID / SOP Class / SOP Instance / Transfer Syntax, is
+    fixed-VR ASCII and packed with ``struct``; pydicom encodes the keys (groups 0008 and up).
+    10,000 instances take about 0.6 s, most of it pydicom.
+
 Record order is depth first (PATIENT, its first STUDY, its first SERIES, that series' leaves, the
 next SERIES, ...), as DCMTK and pydicom write it; siblings keep the order in which the entries
 arrived (the caller sorts, e.g. by Instance Number).
+
+Keys (PS3.3 F.5, as pydicom.fileset's DIRECTORY_RECORDERS and DCMTK's dcmmkdir write them)
+    Type 2 keys are always present, empty when unknown. Type 1 keys missing from the header get a
+    stand-in, each one logged: Patient ID ``DF`` + 14 hex digits of a hash of name and birth
+    date (stable across reruns); Study Date/Time from a series, acquisition or content
+    date/time, else today's date (DCMTK's choice) and 000000; Study ID ``DF`` + 10 hex digits
+    of a hash of the Study Instance UID; Modality OT; Series and Instance Number the position in
+    the study or series; leaf dates from other dates of the instance. Type 1 keys with no honest
+    stand-in (an SR's Concept Name, an RT dose's summation type) stay empty and are logged.
+    Values that break their VR (lower-case CS, ``2024-01-01``, overlong LO) are made
+    conformant in the record; the file is not touched. A record whose keys are not ASCII gets
+    (0008,0005) ISO_IR 100 when Latin-1 suffices, else ISO_IR 192. The DVD/USB profiles add their
+    Type 1C keys (birth date, sex, institution, performing physician) when the header has them.
+    Record In-use Flag (0004,1410) is retired but still written (0xFFFF), as DCMTK and pydicom do,
+    for old readers. Log notes name levels by File ID, never by patient data.
 """
 from __future__ import annotations
 
 import datetime
 import hashlib
 import logging
+import os
 import re
 import struct
 import uuid
@@ -34,6 +55,8 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
+from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_VM
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.multival import MultiValue
@@ -236,7 +259,7 @@ def _text(dataset: Dataset, keyword: str) -> str:
     element = dataset.get(keyword)
     if element is None:
         return ""
-    if isinstance(element, (list, tuple)):  # multi-valued: the DICOM string form
+    if isinstance(element, (list, tuple, MultiValue)):  # multi-valued: the DICOM string form
         return "\\".join(str(v) for v in element).strip()
     return str(element).strip()
 
@@ -377,8 +400,91 @@ def _has_value(dataset: Dataset, keyword: str) -> bool:
     return True
 
 
-def _copy(record: Dataset, source: Dataset, keyword: str) -> None:
-    record[keyword] = source[keyword]
+# Header values from other vendors' studies break VR rules often enough (lower-case Modality,
+# 2024-01-01 dates, descriptions over 64 characters, a backslash in a Patient ID) that a record
+# copying them verbatim fails validation. Record keys are therefore made conformant; the file
+# itself is left as it is.
+_MAX_CHARACTERS = {"SH": 16, "LO": 64, "CS": 16, "ST": 1024, "LT": 10240}
+_TM = re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?")
+_DT = re.compile(r"\d{4}(\d{2}){0,5}(\.\d{1,6})?([+-]\d{4})?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _repair(vr: str, value: Any, single: bool) -> Any:
+    """``value`` made valid for ``vr``, unchanged when it is; None when it cannot be repaired."""
+    if vr in ("SQ", "UI", "OB", "OW", "UN", "US", "UL", "SS", "SL", "FL", "FD", "AT"):
+        return value
+    text = str(value).strip()
+    if vr == "DA":
+        digits = re.sub(r"\D", "", text)
+        try:
+            datetime.datetime.strptime(digits, "%Y%m%d")
+        except ValueError:
+            return None
+        return digits
+    if vr == "TM":
+        candidate = text.replace(":", "")
+        return candidate if _TM.fullmatch(candidate) else None
+    if vr == "DT":
+        candidate = re.sub(r"[-: T]", "", text[:10]) + re.sub(r"[: ]", "", text[10:])
+        return candidate if _DT.fullmatch(candidate) else None
+    if vr == "IS":
+        try:
+            number = int(float(text))
+        except ValueError:
+            return None
+        return number if -(2 ** 31) <= number < 2 ** 31 else None
+    if vr == "DS":
+        try:
+            return format(float(text), ".10g")[:16]
+        except ValueError:
+            return None
+    if vr == "CS":
+        repaired = re.sub(r"[^A-Z0-9 _]", "_", text.upper())[:16].strip()
+        return repaired or None
+    if vr == "PN":
+        groups = _CONTROL.sub(" ", text).replace("\\", " ").split("=")[:3]
+        return "=".join(group[:64] for group in groups)
+    if vr in ("SH", "LO", "UC"):
+        repaired = _CONTROL.sub(" ", str(value))
+        if single or vr != "UC":
+            repaired = repaired.replace("\\", " ")
+        return repaired[:_MAX_CHARACTERS.get(vr, len(repaired))]
+    if vr in ("ST", "LT", "UT"):
+        repaired = re.sub(r"[\x00-\x08\x0b\x0e-\x1f\x7f]", " ", str(value))
+        return repaired[:_MAX_CHARACTERS.get(vr, len(repaired))]
+    return value
+
+
+def _conform(element: DataElement) -> DataElement | None:
+    """``element`` itself when its values are valid for its VR, a repaired copy when they can be
+    made valid, None when nothing valid remains."""
+    if element.VR == "SQ" or element.value is None:
+        return element
+    values = list(element.value) if isinstance(element.value, (MultiValue, list, tuple)) else [element.value]
+    try:
+        single = dictionary_VM(element.tag) == "1"
+    except KeyError:
+        single = False
+    changed = False
+    if single and len(values) > 1:  # VM 1 key with several values: one value
+        values = [" ".join(str(v) for v in values)] if element.VR in _TEXT_VRS else values[:1]
+        changed = True
+    repaired = []
+    for value in values:
+        fixed = _repair(element.VR, value, single)
+        if fixed is None:
+            changed = True
+        elif fixed == value or fixed == str(value):
+            repaired.append(value)
+        else:
+            repaired.append(fixed)
+            changed = True
+    if not repaired:
+        return None
+    if not changed:
+        return element
+    return DataElement(element.tag, element.VR, repaired if len(repaired) > 1 else repaired[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,79 +585,91 @@ class _RecordBuilder:
     def note(self, message: str) -> None:
         self.notes.append(message)
 
+    def take(self, record: Dataset, source: Dataset, keyword: str, where: str) -> bool:
+        """Copy ``keyword`` from ``source`` if it has a value valid for its VR (repaired if need
+        be, see :func:`_repair`); False when there is nothing usable to copy."""
+        if not _has_value(source, keyword):
+            return False
+        element = _conform(source[keyword])
+        if element is None:
+            self.note(f"{where}: {keyword} is not valid for its VR and cannot be repaired; ignored")
+            return False
+        if element is not source[keyword]:
+            self.note(f"{where}: {keyword} made valid for its VR (case, length, separators or format)")
+        record[keyword] = element
+        return True
+
+    def put(self, record: Dataset, keyword: str, value: Any, where: str) -> None:
+        """Set a stand-in value, itself made conformant (it may come from another attribute)."""
+        stand_in = Dataset()
+        try:
+            setattr(stand_in, keyword, value)
+        except (TypeError, ValueError):
+            stand_in = Dataset()
+        if not self.take(record, stand_in, keyword, where):
+            setattr(record, keyword, [] if keyword.endswith("Sequence") else "")
+
     # -- levels --------------------------------------------------------------------------
 
     def patient(self, group: PatientGroup) -> Dataset:
-        source = group.dataset
+        source, where = group.dataset, _where(group, 2)
         record = Dataset()
-        if _has_value(source, "PatientName"):
-            _copy(record, source, "PatientName")
-        else:
+        if not self.take(record, source, "PatientName", where):  # Type 2
             record.PatientName = ""
-        if _has_value(source, "PatientID"):
-            _copy(record, source, "PatientID")
-        else:
+        if not self.take(record, source, "PatientID", where):
             # Type 1: a stable stand-in derived from what identifies this patient on the media.
-            digest = hashlib.sha1(group.key[1].encode("utf-8")).hexdigest()[:14].upper()
-            record.PatientID = f"DF{digest}"
-            self.note(f"patient without Patient ID: PATIENT record gets generated ID {record.PatientID}")
+            patient_id = "DF" + hashlib.sha1(group.key[1].encode("utf-8")).hexdigest()[:14].upper()
+            self.put(record, "PatientID", patient_id, where)
+            self.note(f"{where}: no Patient ID; the PATIENT record gets a generated one")
         if self.profile_keys:
             for keyword in ("PatientBirthDate", "PatientSex"):
-                if _has_value(source, keyword):
-                    _copy(record, source, keyword)
+                self.take(record, source, keyword, where)
         return record
 
     def study(self, group: StudyGroup) -> Dataset:
-        source = group.dataset
+        source, where = group.dataset, _where(group, 3)
         # Where a missing study date or time is looked for: the study, then each series and
         # its first instance (DCMTK's order: series, acquisition, content date).
         everything = [source]
         for series in group.series.values():
             everything += [series.dataset, *(entry.instance for entry in series.entries[:1])]
         record = Dataset()
-        for keyword, fallbacks in (("StudyDate", ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")),
-                                   ("StudyTime", ("StudyTime", "SeriesTime", "AcquisitionTime", "ContentTime"))):
-            if _has_value(source, keyword):
-                _copy(record, source, keyword)
+        for keyword, fallbacks in (("StudyDate", ("SeriesDate", "AcquisitionDate", "ContentDate")),
+                                   ("StudyTime", ("SeriesTime", "AcquisitionTime", "ContentTime"))):
+            if self.take(record, source, keyword, where):
                 continue
             value = _first_value(everything, fallbacks)
-            if not value:
+            if value:
+                self.put(record, keyword, value, where)
+            if keyword in record and record[keyword].value:
+                self.note(f"{where}: {keyword} missing; taken from a series or instance")
+            else:
                 # Type 1 needs something: today's date, as DCMTK does; for the time midnight,
                 # which reads as "unknown" and keeps a rerun's output identical.
-                value = self.today.strftime("%Y%m%d") if keyword == "StudyDate" else "000000"
-            setattr(record, keyword, value)
-            self.note(f"study {group.uid}: {keyword} missing, using {value}")
+                setattr(record, keyword, self.today.strftime("%Y%m%d") if keyword == "StudyDate" else "000000")
+                self.note(f"{where}: {keyword} missing; using {'today' if keyword == 'StudyDate' else '000000'}")
         for keyword in ("StudyDescription", "AccessionNumber"):  # Type 2
-            if _has_value(source, keyword):
-                _copy(record, source, keyword)
-            else:
+            if not self.take(record, source, keyword, where):
                 setattr(record, keyword, "")
         record.StudyInstanceUID = group.uid
-        if _has_value(source, "StudyID"):
-            _copy(record, source, "StudyID")
-        else:
+        if not self.take(record, source, "StudyID", where):
             record.StudyID = "DF" + hashlib.sha1(group.uid.encode("ascii", "replace")).hexdigest()[:10].upper()
-            self.note(f"study {group.uid}: Study ID missing, using {record.StudyID}")
+            self.note(f"{where}: Study ID missing; using one derived from the Study Instance UID")
         return record
 
     def series(self, group: SeriesGroup, ordinal: int) -> Dataset:
-        source = group.dataset
+        source, where = group.dataset, _where(group, 4)
         record = Dataset()
-        if _has_value(source, "Modality"):
-            _copy(record, source, "Modality")
-        else:
+        if not self.take(record, source, "Modality", where):
             record.Modality = "OT"
-            self.note(f"series {group.uid}: Modality missing, using OT")
+            self.note(f"{where}: Modality missing, using OT")
         record.SeriesInstanceUID = group.uid
-        if _has_value(source, "SeriesNumber"):
-            _copy(record, source, "SeriesNumber")
-        else:
+        if not self.take(record, source, "SeriesNumber", where):
             record.SeriesNumber = ordinal
-            self.note(f"series {group.uid}: Series Number missing, using {ordinal}")
+            self.note(f"{where}: Series Number missing, using {ordinal}")
         if self.profile_keys:
             for keyword in ("InstitutionName", "InstitutionAddress", "PerformingPhysicianName"):
-                if _has_value(source, keyword):
-                    _copy(record, source, keyword)
+                self.take(record, source, keyword, where)
         return record
 
     def leaf(self, entry: DirectoryEntry, kind: str, ordinal: int, context: Sequence[Dataset]) -> Dataset:
@@ -559,25 +677,27 @@ class _RecordBuilder:
         where = "/".join(entry.file_id)
         record = Dataset()
         for keyword, key_type in _LEAF_KEYS[kind]:
-            if _has_value(source, keyword):
-                _copy(record, source, keyword)
-            elif key_type == "1":
+            if self.take(record, source, keyword, where):
+                continue
+            if key_type == "1":
                 if keyword == "InstanceNumber":
                     value: Any = ordinal
                 elif keyword in _DEFAULTS:
                     value = _DEFAULTS[keyword]([source, *context])
                 else:
                     value = ""
-                if value == "":
-                    self.note(f"{where}: {kind} key {keyword} (Type 1) missing and has no safe default; left empty")
+                if value != "":
+                    self.put(record, keyword, value, where)
+                if keyword in record and record[keyword].VM:
+                    self.note(f"{where}: {kind} key {keyword} missing; stand-in used")
                 else:
-                    self.note(f"{where}: {kind} key {keyword} missing, using {value}")
-                setattr(record, keyword, [] if keyword.endswith("Sequence") else value)
+                    setattr(record, keyword, [] if keyword.endswith("Sequence") else "")
+                    self.note(f"{where}: {kind} key {keyword} (Type 1) missing and has no safe default; left empty")
             elif key_type == "2":
                 setattr(record, keyword, [] if keyword.endswith("Sequence") else "")
         if kind == "SR DOCUMENT" and _text(record, "VerificationFlag") == "VERIFIED" \
                 and "VerificationDateTime" not in record:
-            record.VerificationDateTime = self._verification_datetime(entry, record)
+            self.put(record, "VerificationDateTime", self._verification_datetime(entry, record), where)
         return record
 
     def _verification_datetime(self, entry: DirectoryEntry, record: Dataset) -> str:
@@ -589,8 +709,18 @@ class _RecordBuilder:
             return stamps[-1]
         value = _text(record, "ContentDate") + _text(record, "ContentTime")
         self.note(f"{'/'.join(entry.file_id)}: VERIFIED SR without Verifying Observer Sequence in the header "
-                  f"subset; Verification DateTime set to the content date/time {value}")
+                  f"subset; Verification DateTime set to the content date/time")
         return value
+
+
+def _where(group: PatientGroup | StudyGroup | SeriesGroup, depth: int) -> str:
+    """A level named by the File ID prefix of its first instance (``DICOM/P0000001/S0000002``):
+    notes end up in worker logs, which must not carry names, IDs, dates or UIDs."""
+    if isinstance(group, PatientGroup):
+        group = next(iter(group.studies.values()))
+    if isinstance(group, StudyGroup):
+        group = next(iter(group.series.values()))
+    return "/".join(group.entries[0].file_id[:depth])
 
 
 def _file_set_uid(file_set_id: str, entries: Sequence[DirectoryEntry]) -> str:
@@ -715,4 +845,5 @@ def write_dicomdir(path: Path, entries: Sequence[DirectoryEntry], *, file_set_id
         log.warning("DICOMDIR %s: %d more notes like these", path, len(notes) - 20)
     with atomic_writer(Path(path)) as handle:
         handle.write(data)
+    os.chmod(path, 0o644)  # mkstemp made it 0600
     return len(data)

@@ -33,7 +33,8 @@ from tasks.spool import atomic_writer
 
 __all__ = ["build_iso", "level1_path", "read_iso_listing"]
 
-_D_CHARACTERS = re.compile(r"[A-Z0-9_]+")
+_LEVEL1_DIRECTORY = re.compile(r"[A-Z0-9_]{1,8}")
+_LEVEL1_FILE = re.compile(r"[A-Z0-9_]{1,8}(\.[A-Z0-9_]{1,3})?")
 _VOLUME_ID = re.compile(r"[A-Z0-9_]{0,32}")
 _MAX_DIRECTORY_DEPTH = 8  # ISO 9660: the root and at most 7 levels below it (ECMA-119 6.8.2.1)
 _JOLIET_MAX = 64          # Joliet: at most 64 UCS-2 characters per name
@@ -69,12 +70,25 @@ class _Level1Names:
             candidate = base[:8 - len(suffix)] + suffix
             counter += 1
         result = _join(candidate, ext)
-        if _D_CHARACTERS.fullmatch(component) and len(component) <= 8 and result != component:
+        if _is_level1(component, is_file) and result != component:
             # A conformant name (every DICOM File ID component) must reach the media unchanged.
             raise ValueError(f"{parent}/{component}: name already taken by a derived ISO 9660 name")
         taken.add(result)
         self._mapped[key] = result
         return result
+
+
+def _is_level1(component: str, is_file: bool) -> bool:
+    return bool((_LEVEL1_FILE if is_file else _LEVEL1_DIRECTORY).fullmatch(component))
+
+
+def _conformant_first(paths: list[tuple[str, Path | bytes]]) -> list[tuple[str, Path | bytes]]:
+    """Paths whose every component is already Level 1 first, so that derived names for the
+    others can never take a name a conformant path needs (pycdlib sorts directories itself)."""
+    def conformant(media_path: str) -> bool:
+        parts = _split(media_path)
+        return all(_is_level1(part, is_file=i == len(parts) - 1) for i, part in enumerate(parts))
+    return sorted(paths, key=lambda item: not conformant(item[0]))
 
 
 def _join(name: str, extension: str) -> str:
@@ -86,7 +100,8 @@ def level1_path(media_path: str) -> str:
 
     ``DICOM/P0000001/S0000001/S0000001/I0000001`` and ``README.TXT`` stay as they are;
     ``IHE_PDI/series-1-thumbnail.jpeg`` becomes ``IHE_PDI/SERIES_1.JPE``. Within one image,
-    :func:`build_iso` also makes derived names unique (``SERIES_1``, ``SERIE_1``...).
+    :func:`build_iso` also makes derived names unique: a clash ends in ``_2``, ``_3``... instead.
+    Names that are already Level 1 (every DICOM File ID component) are never changed.
     """
     names = _Level1Names()
     parts = _split(media_path)
@@ -123,7 +138,7 @@ class _Layout:
         self.names = _Level1Names()
         self.directories: dict[tuple[str, ...], str] = {(): ""}  # media parts -> ISO path
         self.files: set[tuple[str, ...]] = set()
-        self.joliet_names: set[str] = set()
+        self.folded: set[str] = set()
 
     def _directory(self, parts: tuple[str, ...]) -> str:
         known = self.directories.get(parts)
@@ -132,22 +147,27 @@ class _Layout:
         if parts in self.files:
             raise ValueError(f"{'/'.join(parts)} is both a file and a directory")
         parent = self._directory(parts[:-1])
+        self._claim_folded(parts)
         iso_path = f"{parent}/{self.names.name(parent, parts[-1], is_file=False)}"
         joliet_path = "/" + "/".join(parts) if self.joliet else None
         self.disc.add_directory(iso_path, joliet_path=joliet_path)
         self.directories[parts] = iso_path
         return iso_path
 
+    def _claim_folded(self, parts: tuple[str, ...]) -> None:
+        """Refuse a path that differs from another one only in case: Windows, reading Joliet,
+        would show one of them only."""
+        folded = "/".join(parts).upper()
+        if folded in self.folded:
+            raise ValueError(f"{'/'.join(parts)} differs from another path only in case")
+        self.folded.add(folded)
+
     def add(self, media_path: str, source: Path | bytes) -> None:
         parts = tuple(_split(media_path))
         if parts in self.files or parts in self.directories:
             raise ValueError(f"{'/'.join(parts)} is on the image twice")
-        if self.joliet:
-            folded = "/".join(parts).upper()  # Joliet readers (Windows) compare case-insensitively
-            if folded in self.joliet_names:
-                raise ValueError(f"{'/'.join(parts)} differs from another path only in case")
-            self.joliet_names.add(folded)
         parent = self._directory(parts[:-1])
+        self._claim_folded(parts)
         self.files.add(parts)
         iso_path = f"{parent}/{_iso_file_identifier(self.names.name(parent, parts[-1], is_file=True))}"
         joliet_path = "/" + "/".join(parts) if self.joliet else None
@@ -176,10 +196,10 @@ def build_iso(path: Path, files: Iterable[tuple[str, Path]], *, volume_id: str,
              app_ident_str="DISCFLOW")
     try:
         layout = _Layout(disc, joliet)
-        for media_path, source in files:
-            layout.add(media_path, Path(source))
-        for media_path, content in extra_files:
-            layout.add(media_path, bytes(content))
+        items: list[tuple[str, Path | bytes]] = [(name, Path(source)) for name, source in files]
+        items += [(name, bytes(content)) for name, content in extra_files]
+        for media_path, source in _conformant_first(items):
+            layout.add(media_path, source)
         with atomic_writer(path) as handle:
             disc.write_fp(handle, blocksize=_WRITE_BLOCK)
     finally:

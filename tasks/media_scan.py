@@ -50,6 +50,8 @@ MAX_INFLATED_BYTES = 256 << 20
 """A Deflated dataset may inflate to at most this many bytes."""
 MAX_SINGLE_READ = 64 << 20
 """No single header read may ask for more than this (a never-deferred element of absurd length)."""
+MAX_HEADER_BYTES = 256 << 20
+"""All header values read from one file together (a header of a million 200 KB elements)."""
 MAX_META_BYTES = 1 << 20
 SNIFF_BYTES = 256
 
@@ -151,6 +153,7 @@ class _WatchedStream:
         self.size = size
         self.overrun: str | None = None
         self._position = raw.tell()
+        self._read_total = 0
 
     def _note(self, start: int, end: int) -> None:
         if self.overrun is None:
@@ -170,6 +173,9 @@ class _WatchedStream:
                 self._note(position, end)
         data = self._raw.read(n)
         self._position = position + len(data)
+        self._read_total += len(data)
+        if self._read_total > MAX_HEADER_BYTES:
+            raise _Refused(f"header larger than {MAX_HEADER_BYTES} bytes")
         return data
 
     def seek(self, offset: int, whence: int = 0) -> int:
@@ -535,11 +541,10 @@ def _accept(entry: MediaFile, dataset: Dataset, transfer_syntax: str, implicit: 
         raise _Refused(f"missing required attribute(s): {', '.join(missing)}")
     if not _UID.match(transfer_syntax):
         raise _Refused(f"Transfer Syntax UID {transfer_syntax!r} is not a valid UID")
+    _check_pixels(entry, dataset, transfer_syntax, implicit, little, stream, max_pixels=max_pixels)
     for keyword, label in REQUIRED_UIDS:
         if len(uids[keyword]) > 64:
             scan.problems.append(MediaProblem(entry.path, f"{label} is longer than 64 characters", "warning"))
-
-    _check_pixels(entry, dataset, transfer_syntax, implicit, little, stream, max_pixels=max_pixels)
     _strip_deferred(dataset)
     return FoundInstance(
         path=entry.path, size=entry.size,

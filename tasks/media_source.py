@@ -113,6 +113,7 @@ class Medium(ABC):
         self.location = location
         self.max_file_bytes = max_file_bytes
         self._entries: dict[str, MediaFile] | None = None
+        self._refused: dict[str, MediaFile] = {}
         self._listing: list[MediaFile] = []
 
     def files(self) -> Iterator[MediaFile]:
@@ -142,7 +143,8 @@ class Medium(ABC):
         assert self._entries is not None
         entry = self._entries.get(path)
         if entry is None:
-            raise RefusedFile(path, "not a file listed on this medium")
+            refused = self._refused.get(path)
+            raise RefusedFile(path, refused.refusal if refused else "not a file listed on this medium")
         if entry.refusal:
             raise RefusedFile(path, entry.refusal)
         return entry
@@ -162,6 +164,8 @@ class Medium(ABC):
                 entry = MediaFile(entry.path, entry.size, "second entry with the same name; ignored")
             if entry.refusal is None:
                 entries[entry.path] = entry
+            else:
+                self._refused.setdefault(entry.path, entry)
             listing.append(entry)
         self._entries = entries
         self._listing = listing
@@ -258,8 +262,8 @@ class ZipMedium(Medium):
         super().__init__(location, max_file_bytes)
         try:
             self._zip = zipfile.ZipFile(location)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-            raise MediaError(f"{location}: not a readable ZIP archive: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - a hostile central directory
+            raise MediaError(f"{location}: not a readable ZIP archive: {type(exc).__name__}: {exc}") from exc
         self._infos: dict[str, zipfile.ZipInfo] = {}
 
     def _list(self) -> Iterator[MediaFile]:
@@ -312,27 +316,25 @@ class IsoMedium(Medium):
     def __init__(self, location: Path, max_file_bytes: int) -> None:
         super().__init__(location, max_file_bytes)
         import pycdlib
-        from pycdlib import pycdlibexception
 
         self._iso = pycdlib.PyCdlib()
         try:
             self._iso.open(str(location))
-        except (pycdlibexception.PyCdlibException, OSError, ValueError, KeyError, IndexError,
-                UnicodeDecodeError, RecursionError) as exc:
-            raise MediaError(f"{location}: not a readable ISO 9660 image: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - pycdlib parsing a hostile image raises anything (struct.error ...)
+            raise MediaError(f"{location}: not a readable ISO 9660 image: {type(exc).__name__}: {exc}") from exc
         if self._iso.has_rock_ridge():
-            self.names = "rr_path"
+            self.name_source = "rr_path"
         elif self._iso.has_joliet():
-            self.names = "joliet_path"
+            self.name_source = "joliet_path"
         else:
-            self.names = "iso_path"
+            self.name_source = "iso_path"
         self._records: dict[str, object] = {}
 
     def _name_of(self, record) -> str:
-        if self.names == "rr_path":
+        if self.name_source == "rr_path" and record.rock_ridge is not None:
             return record.rock_ridge.name().decode("utf-8", "surrogateescape")
-        raw = record.file_identifier()
-        if self.names == "joliet_path":
+        raw = record.file_identifier()  # (a record without Rock Ridge on a Rock Ridge image: its ISO 9660 name)
+        if self.name_source == "joliet_path":
             name = raw.decode("utf-16_be", "surrogatepass")
         else:
             name = raw.decode("latin-1")
@@ -343,7 +345,6 @@ class IsoMedium(Medium):
         return name
 
     def _list(self) -> Iterator[MediaFile]:
-        from pycdlib import pycdlibexception
 
         # Children are read from the records themselves, starting at the root: one pass
         # over the tree, no path lookups.
@@ -351,9 +352,9 @@ class IsoMedium(Medium):
         while stack:
             relative, lookup, depth = stack.pop()
             try:
-                children = list(self._iso.list_children(**{self.names: lookup}))
-            except (pycdlibexception.PyCdlibException, UnicodeError, OSError) as exc:
-                yield MediaFile(relative or ".", 0, f"unreadable directory: {exc}")
+                children = list(self._iso.list_children(**{self.name_source: lookup}))
+            except Exception as exc:  # noqa: BLE001 - hostile directory records
+                yield MediaFile(relative or ".", 0, f"unreadable directory: {type(exc).__name__}: {exc}")
                 continue
             subdirectories = []
             for record in children:
@@ -361,7 +362,7 @@ class IsoMedium(Medium):
                     continue
                 try:
                     name = self._name_of(record)
-                except (AttributeError, UnicodeError, pycdlibexception.PyCdlibException) as exc:
+                except Exception as exc:  # noqa: BLE001 - hostile name records
                     yield MediaFile(f"{relative}/?" if relative else "?", 0, f"unreadable name: {exc}")
                     continue
                 path = f"{relative}/{name}" if relative else name
@@ -387,12 +388,17 @@ class IsoMedium(Medium):
                 if mode is not None and stat.S_IFMT(mode) and not stat.S_ISREG(mode):
                     yield MediaFile(path, 0, f"not a regular file ({_kind_of(mode)})")
                     continue
+                try:
+                    size = record.get_data_length()
+                except Exception as exc:  # noqa: BLE001
+                    yield MediaFile(path, 0, f"unreadable directory record: {exc}")
+                    continue
                 self._records[path] = record
-                yield MediaFile(path, record.get_data_length())
+                yield MediaFile(path, size)
             stack.extend(reversed(subdirectories))
 
     def _lookup_child(self, lookup: str, record, name: str) -> str:
-        if self.names == "iso_path":
+        if self.name_source == "iso_path":
             component = record.file_identifier().decode("latin-1")
         else:
             component = name
@@ -430,7 +436,7 @@ def open_medium(location: Path | str, *, max_file_bytes: int = DEFAULT_MAX_FILE_
     location = Path(location)
     try:
         if location.is_dir():
-            return FolderMedium(location, max_file_bytes)
+            return _listed(FolderMedium(location, max_file_bytes))
         if not location.is_file():
             raise MediaError(f"{location}: no such file or folder")
         with open(location, "rb") as handle:
@@ -440,10 +446,22 @@ def open_medium(location: Path | str, *, max_file_bytes: int = DEFAULT_MAX_FILE_
     except OSError as exc:
         raise MediaError(f"{location}: unreadable: {exc.strerror or exc}") from exc
     if iso_magic == b"CD001":
-        return IsoMedium(location, max_file_bytes)
-    if head[:2] == b"PK" or zipfile.is_zipfile(location):
-        return ZipMedium(location, max_file_bytes)
-    raise MediaError(f"{location}: neither a folder, an ISO 9660 image nor a ZIP archive")
+        medium: Medium = IsoMedium(location, max_file_bytes)
+    elif head[:2] == b"PK" or zipfile.is_zipfile(location):
+        medium = ZipMedium(location, max_file_bytes)
+    else:
+        raise MediaError(f"{location}: neither a folder, an ISO 9660 image nor a ZIP archive")
+    return _listed(medium)
+
+
+def _listed(medium: Medium) -> Medium:
+    """List the medium now, so that a medium unusable as a whole fails here, not mid-scan."""
+    try:
+        medium._ensure_listed()
+    except BaseException:
+        medium.close()
+        raise
+    return medium
 
 
 def extract(medium: Medium, path: str, destination: Path, *, max_bytes: int) -> int:

@@ -23,8 +23,9 @@ JPEG lossless (.4.57, .4.70) single-sample frames are decoded with libjpeg-turbo
 (``imagecodecs.jpeg8_decode``, ~5x faster than the pydicom plugins on a CT slice),
 then given exactly pydicom's treatment of unused high bits (mask, or sign-extend when
 Pixel Representation is 1).  Everything else, and anything the fast path declines,
-goes through pydicom 3's decoders, which try GDCM and pylibjpeg (libjpeg, openjpeg,
-rle) in turn.
+goes through pydicom 3's decoders: the plugin in :data:`DECODING_PLUGINS` first
+(pylibjpeg for JPEG and RLE, GDCM for JPEG-LS and J2K, the faster of the two here),
+then every available plugin in pydicom's order (GDCM as the fallback for pylibjpeg).
 
 Encoders
 --------
@@ -33,12 +34,20 @@ uncompressed        the decoded array's little-endian bytes (bit-packed again fo
                     Bits Allocated 1)
 jpeg-lossless .4.70 libjpeg-turbo 3 via ``imagecodecs.jpeg8_encode(lossless=True,
                     predictor=1)``: a SOF3 stream, selection value 1, point transform
-                    0, precision = Bits Stored (2..16).  (``ljpeg_encode`` writes
-                    predictor 6, i.e. .4.57, and pylibjpeg cannot encode JPEG.)
+                    0, precision = Bits Stored (2..16; at least 9 in 16 allocated bits).
+                    (``ljpeg_encode`` writes predictor 6, i.e. .4.57, and pylibjpeg
+                    cannot encode JPEG.)  Checked bit-exact with pydicom and dcmdjpeg.
+                    YBR_FULL is coded as colour space UNKNOWN: libjpeg-turbo's YCbCr
+                    lossless streams use two Huffman tables yet GDCM, libjpeg and DCMTK
+                    fail on them ("bad Huffman code").
 jpeg-extended .4.51 libjpeg-turbo 3 via ``imagecodecs.jpeg8_encode``, IJG quality
-                    ``lossy_quality``, 8-bit (SOF0) or 12-bit (SOF1) precision.
-j2k-lossless .4.90  OpenJPEG via pylibjpeg-openjpeg ``encode_array`` (what pydicom's
-                    own J2K encoder calls), reversible 5/3 wavelet.
+                    ``lossy_quality``, 8-bit (SOF0) or 12-bit (SOF1) precision; colour
+                    as JPEG Baseline .4.50 (see Colour).
+j2k-lossless .4.90  OpenJPEG 2.5 via ``imagecodecs.jpeg2k_encode(reversible=True)``:
+                    5/3 wavelet, one layer, J2K codestream.  Same OpenJPEG and the same
+                    bytes as pylibjpeg-openjpeg (pydicom's J2K encoder), but it lets the
+                    number of resolutions follow the image size: pylibjpeg's fixed 6
+                    fails on images smaller than 32 pixels a side.
 j2k-lossy .4.91     the same, irreversible 9/7 wavelet, one quality layer at a PSNR
                     derived from ``lossy_quality`` (see :func:`_j2k_psnr`).
 ==================  ===============================================================
@@ -84,8 +93,12 @@ Instances without pixels, and other special cases
 * Float / Double Float Pixel Data: written uncompressed; a compressed target raises.
 * Lossy output sets Lossy Image Compression "01", appends to Lossy Image Compression
   Ratio and Method ("ISO_10918_1" JPEG, "ISO_15444_1" J2K) and gets a new SOP
-  Instance UID (also in the file meta).  Lossless output of an already lossy source
-  keeps (or sets) Lossy Image Compression "01".
+  Instance UID (also in the file meta) from ``generate_uid`` seeded with the source UID,
+  syntax and quality, so a task that runs twice writes the same UID.  Any output of an
+  already lossy source keeps (or sets) Lossy Image Compression "01" and records the
+  source's method when the file did not.
+* A DICOMDIR is refused (it is rebuilt by the media stage; rewriting would break its
+  record offsets).
 * Pixel values that do not fit Bits Stored (a J2K stream whose precision exceeds it)
   raise Bits Stored/High Bit just enough to keep the conversion bit-exact.
 * Native pixel data shorter than Rows x Columns x frames needs is refused.
@@ -106,13 +119,11 @@ from pydicom import dcmread, dcmwrite
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, encapsulate_extended, generate_fragments, generate_frames
-from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder, pack_bits
 from pydicom.uid import UID, generate_uid
 
 import imagecodecs
-from openjpeg.utils import encode_array as openjpeg_encode_array
 
 # --------------------------------------------------------------------------- syntaxes
 
@@ -175,12 +186,27 @@ _LOSSY_METHOD = {
     JPEG_LS_NEAR_LOSSLESS: "ISO_14495_1",
     J2K: "ISO_15444_1", J2K_PART2: "ISO_15444_1", HTJ2K: "ISO_15444_15",
 }
+_MEDIA_STORAGE_DIRECTORY = UID("1.2.840.10008.1.3.10")
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _SWAP_WIDTH = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 # Attributes in the stored-pixel-value domain that move with a jpeg-extended offset.
 _PIXEL_VALUE_KEYWORDS = ("SmallestImagePixelValue", "LargestImagePixelValue",
                          "SmallestPixelValueInSeries", "LargestPixelValueInSeries",
                          "PixelPaddingValue", "PixelPaddingRangeLimit")
+
+DECODING_PLUGINS: dict[str, str] = {
+    # pydicom plugin tried first per source syntax; on failure every available plugin is
+    # tried in pydicom's order (GDCM first).  Measured on this venv: pylibjpeg (libjpeg)
+    # decodes JPEG 1.2-2.5x faster than GDCM and alone does 12-bit JPEG; GDCM decodes
+    # J2K ~1.4x and JPEG-LS ~3x faster than pylibjpeg (openjpeg / libjpeg).  Lossy JPEG
+    # decoders differ by a level or two (IDCT, chroma up-sampling), so "bit-exact" for a
+    # lossy JPEG source means: equal to what this plugin decodes.
+    **{uid: "pylibjpeg" for uid in ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51",
+                                    "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
+                                    "1.2.840.10008.1.2.5")},
+    **{uid: "gdcm" for uid in ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",
+                               "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")},
+}
 
 IMPLEMENTATION_CLASS_UID = generate_uid(entropy_srcs=["discflow", "transfer_syntax", "1"])
 """discflow's Implementation Class UID, stable across runs (derived, under pydicom's root)."""
@@ -293,12 +319,14 @@ def _convert(source: Path, destination: Path, target: UID, quality: int) -> Conv
 
     if target == JPEG_EXTENDED:
         _check_jpeg_extended(ds)  # refuse before paying for a decode
+    source_method = _source_lossy_method(ds, syntax)  # before the Pixel Data is replaced
     frames, pixel = _decode(ds, syntax)
     if syntax == EXPLICIT_VR_BIG_ENDIAN:
         _swap_other_words(ds)
     _fit_bits_stored(ds, frames, syntax)
+    if source_method is not None:
+        _mark_lossy_source(ds, source_method)
 
-    source_was_lossy = _was_lossy(ds, syntax)
     if target == EXPLICIT_VR_LITTLE_ENDIAN:
         written, lossy = _set_native(ds, frames, pixel), False
     elif target == JPEG_LOSSLESS_SV1:
@@ -308,8 +336,8 @@ def _convert(source: Path, destination: Path, target: UID, quality: int) -> Conv
     else:
         written, lossy = _encode_j2k(ds, frames, pixel, lossy=target == J2K, quality=quality), target == J2K
 
-    if source_was_lossy and not lossy:
-        _mark_lossy_source(ds, syntax)
+    if lossy:
+        ds.SOPInstanceUID = _lossy_instance_uid(str(ds.SOPInstanceUID), written, quality)
     return _write(ds, written, len(raw), destination, lossy=lossy)
 
 
@@ -321,11 +349,14 @@ def _read(source: Path) -> tuple[bytes, Dataset, UID]:
         raise ConversionError(f"cannot read {source.name}: {error.strerror or error}") from error
     try:
         ds = dcmread(BytesIO(raw), force=True)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, NotImplementedError,
-            OverflowError) as error:
-        raise ConversionError(f"not a readable DICOM dataset: {error}") from error
+    except MemoryError:
+        raise
+    except Exception as error:  # untrusted bytes: any parser failure is this file's fault
+        raise ConversionError(f"not a readable DICOM dataset: {_first_line(error)}") from error
     if len(ds) == 0:
         raise ConversionError("not a DICOM dataset: no data elements could be read")
+    if _is_dicomdir(ds):
+        raise ConversionError("a DICOMDIR is a media directory, not an instance: it is rebuilt, not converted")
     return raw, ds, _actual_syntax(ds)
 
 
@@ -335,6 +366,12 @@ def _actual_syntax(ds: Dataset) -> UID:
     claimed = meta.get("TransferSyntaxUID")
     claimed = UID(str(claimed).strip("\0 ")) if claimed else None
     implicit, little = ds.original_encoding
+    first = ds.get_item(next(iter(ds.keys())))  # still raw: says how it was really read
+    if getattr(first, "is_raw", False) and (first.is_implicit_VR, first.is_little_endian) != (implicit, little):
+        # pydicom fell back to the other VR encoding (e.g. an implicit VR data set under
+        # a JPEG Transfer Syntax UID); record it, or the writer would copy raw bytes.
+        implicit, little = first.is_implicit_VR, first.is_little_endian
+        ds.set_original_encoding(implicit, little)
     encoded_as = (IMPLICIT_VR_LITTLE_ENDIAN if implicit else
                   EXPLICIT_VR_LITTLE_ENDIAN if little else EXPLICIT_VR_BIG_ENDIAN)
 
@@ -351,12 +388,10 @@ def _actual_syntax(ds: Dataset) -> UID:
 
 def _sniff_encapsulated(ds: Dataset) -> UID:
     """Transfer syntax of encapsulated pixel data without a usable Transfer Syntax UID."""
-    try:
-        fragment = next(generate_fragments(ds.PixelData))
-    except (StopIteration, ValueError) as error:
+    head = _first_fragment_head(ds)
+    if not head:
         raise ConversionError("encapsulated Pixel Data has no fragments and the file meta "
-                              "names no transfer syntax") from error
-    head = bytes(fragment[:4096])
+                              "names no transfer syntax")
     if head[:2] == b"\xff\xd8":
         return _sniff_jpeg(head)
     if head[:4] == b"\xff\x4f\xff\x51":
@@ -373,6 +408,19 @@ def _sniff_encapsulated(ds: Dataset) -> UID:
     raise ConversionError("cannot tell the transfer syntax of the encapsulated Pixel Data: "
                           "the file meta names none and the codestream is not JPEG, "
                           "JPEG-LS, JPEG 2000 or RLE")
+
+
+def _first_fragment_head(ds: Dataset, size: int = 4096) -> bytes:
+    """The start of the first non-empty fragment after the Basic Offset Table item."""
+    try:
+        fragments = generate_fragments(ds.PixelData)
+        next(fragments, None)  # the Basic Offset Table item (PS3.5 A.4)
+        for fragment in fragments:
+            if fragment:
+                return bytes(fragment[:size])
+    except ValueError:
+        pass
+    return b""
 
 
 def _sniff_jpeg(head: bytes) -> UID:
@@ -400,6 +448,11 @@ def _sniff_jpeg(head: bytes) -> UID:
         return JPEG_EXTENDED
     raise ConversionError("cannot tell which JPEG process encoded the Pixel Data and the "
                           "file meta names no transfer syntax")
+
+
+def _is_dicomdir(ds: Dataset) -> bool:
+    meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    return meta.get("MediaStorageSOPClassUID") == _MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds
 
 
 def _rewrite(ds: Dataset, syntax: UID, bytes_in: int, destination: Path) -> ConversionResult:
@@ -437,8 +490,15 @@ def _decode(ds: Dataset, syntax: UID) -> tuple[np.ndarray, dict[str, Any]]:
             raise ConversionError(f"no decoder for {syntax.name} ({syntax})") from error
         if not decoder.is_available:
             raise ConversionError(f"the {syntax.name} decoder is not installed")
+        preferred = DECODING_PLUGINS.get(syntax, "")
         try:
-            array, pixel = decoder.as_array(ds, raw=True)
+            try:
+                array, pixel = decoder.as_array(
+                    ds, raw=True, decoding_plugin=preferred if preferred in decoder.available_plugins else "")
+            except Exception:
+                if not preferred:
+                    raise
+                array, pixel = decoder.as_array(ds, raw=True)  # every plugin, pydicom's order
         except Exception as error:  # plugins raise anything from RuntimeError to IndexError
             raise ConversionError(f"cannot decode the {syntax.name} Pixel Data: "
                                   f"{_first_line(error)}") from error
@@ -536,13 +596,13 @@ def _encode_jpeg_lossless(ds: Dataset, frames: np.ndarray, pixel: dict[str, Any]
     samples = frames
     if frames.dtype.kind == "i":  # two's complement pattern of `precision` bits
         samples = frames.view(np.uint8 if frames.dtype.itemsize == 1 else np.uint16) & ((1 << precision) - 1)
+    # RGB: Adobe marker + component IDs R,G,B, no transform.  YBR_FULL: libjpeg-turbo's
+    # YCbCr lossless streams (two Huffman tables) fail in GDCM, libjpeg and DCMTK, so
+    # code the samples as colour space UNKNOWN (IDs 0,1,2, one table, no transform).
     colour = {"colorspace": "RGB", "outcolorspace": "RGB"} if photometric == "RGB" else (
-        {"colorspace": "YCbCr", "outcolorspace": "YCbCr"} if photometric == "YBR_FULL" else {})
-    encoded = []
-    for frame in samples:
-        frame = frame[..., 0] if frame.shape[-1] == 1 else frame
-        encoded.append(imagecodecs.jpeg8_encode(np.ascontiguousarray(frame), lossless=True, predictor=1,
-                                                bitspersample=precision, **colour))
+        {"colorspace": "UNKNOWN", "outcolorspace": "UNKNOWN"} if photometric == "YBR_FULL" else {})
+    encoded = _encode_frames(JPEG_LOSSLESS_SV1, samples, lambda frame: imagecodecs.jpeg8_encode(
+        frame, lossless=True, predictor=1, bitspersample=precision, **colour))
     _set_image_pixel(ds, frames, photometric)
     _set_encapsulated(ds, encoded)
     return JPEG_LOSSLESS_SV1
@@ -580,9 +640,8 @@ def _encode_jpeg_extended(ds: Dataset, frames: np.ndarray, pixel: dict[str, Any]
         if photometric not in ("RGB", "YBR_FULL"):
             raise ConversionError(f"{_policy(JPEG_EXTENDED)} cannot code {photometric} colour")
         source_space = "RGB" if photometric == "RGB" else "YCbCr"
-        encoded = [imagecodecs.jpeg8_encode(frame, quality, colorspace=source_space,
-                                            outcolorspace="YCbCr", subsampling="422")
-                   for frame in frames]
+        encoded = _encode_frames(JPEG_BASELINE, frames, lambda frame: imagecodecs.jpeg8_encode(
+            frame, quality, colorspace=source_space, outcolorspace="YCbCr", subsampling="422"))
         _set_image_pixel(ds, frames, "YBR_FULL_422")
         _set_encapsulated(ds, encoded)
         _mark_lossy(ds, JPEG_BASELINE, frames, encoded)
@@ -593,12 +652,26 @@ def _encode_jpeg_extended(ds: Dataset, frames: np.ndarray, pixel: dict[str, Any]
     if frames.dtype.kind == "i":
         samples = _offset_signed_for_jpeg(ds, samples)
     samples = samples.astype(np.uint8 if precision == 8 else np.uint16, copy=False)
-    encoded = [imagecodecs.jpeg8_encode(frame, quality, bitspersample=precision) for frame in samples]
+    encoded = _encode_frames(JPEG_EXTENDED, samples, lambda frame: imagecodecs.jpeg8_encode(
+        frame, quality, bitspersample=precision))
     ds.BitsStored, ds.HighBit = precision, precision - 1
     _set_image_pixel(ds, frames, photometric)
     _set_encapsulated(ds, encoded)
     _mark_lossy(ds, JPEG_EXTENDED, frames, encoded)
     return JPEG_EXTENDED
+
+
+def _encode_frames(syntax: UID, frames: np.ndarray, encode: Any) -> list[bytes]:
+    """``encode`` each frame (C-contiguous; single-sample frames as rows x columns)."""
+    encoded = []
+    try:
+        for frame in frames:
+            if frame.ndim == 3 and frame.shape[-1] == 1:
+                frame = frame[..., 0]
+            encoded.append(encode(np.ascontiguousarray(frame)))
+    except Exception as error:  # imagecodecs raises its own error classes and ValueError
+        raise ConversionError(f"{_policy(syntax)} encoding failed: {_first_line(error)}") from error
+    return encoded
 
 
 def _offset_signed_for_jpeg(ds: Dataset, samples: np.ndarray) -> np.ndarray:
@@ -648,17 +721,16 @@ def _encode_j2k(ds: Dataset, frames: np.ndarray, pixel: dict[str, Any], *, lossy
     if frames.shape[-1] not in (1, 3):
         raise ConversionError(f"{name} codes 1 or 3 samples per pixel, not {frames.shape[-1]}")
     rgb = photometric == "RGB"
-    options: dict[str, Any] = {"bits_stored": max(bits_stored, 1), "photometric_interpretation": 1 if rgb else 0,
-                               "use_mct": rgb}
+    rows, columns = frames.shape[1:3]
+    options: dict[str, Any] = {
+        "codecformat": "J2K", "bitspersample": max(bits_stored, 1), "reversible": not lossy,
+        "mct": rgb, "colorspace": "SRGB" if rgb else "UNSPECIFIED",
+        # OpenJPEG needs 2^(resolutions-1) <= the smaller side; 6 (5 DWT levels) is the usual.
+        "resolutions": max(1, min(6, min(rows, columns).bit_length())),
+    }
     if lossy:
-        options["signal_noise_ratios"] = [_j2k_psnr(bits_stored, quality)]
-    encoded = []
-    try:
-        for frame in frames:
-            frame = frame[..., 0] if frame.shape[-1] == 1 else frame
-            encoded.append(openjpeg_encode_array(np.ascontiguousarray(frame), **options))
-    except (RuntimeError, ValueError) as error:
-        raise ConversionError(f"{name} encoding failed: {_first_line(error)}") from error
+        options["level"] = _j2k_psnr(bits_stored, quality)  # imagecodecs: level = target PSNR (dB)
+    encoded = _encode_frames(target, frames, lambda frame: imagecodecs.jpeg2k_encode(frame, **options))
     written_photometric = ("YBR_ICT" if lossy else "YBR_RCT") if rgb else photometric
     _set_image_pixel(ds, frames, written_photometric)
     _set_encapsulated(ds, encoded)
@@ -715,26 +787,49 @@ def _mark_lossy(ds: Dataset, syntax: UID, frames: np.ndarray, encoded: list[byte
     ds.LossyImageCompression = "01"
     ds.LossyImageCompressionRatio = _existing(ds, "LossyImageCompressionRatio") + [_ds_string(ratio)]
     ds.LossyImageCompressionMethod = _existing(ds, "LossyImageCompressionMethod") + [_LOSSY_METHOD[syntax]]
-    ds.SOPInstanceUID = generate_uid()
 
 
-def _mark_lossy_source(ds: Dataset, syntax: UID) -> None:
-    """Decompressing lossy data keeps it marked lossy (PS3.3 C.7.6.1.1.5)."""
-    if ds.get("LossyImageCompression") != "01":
-        ds.LossyImageCompression = "01"
-        if "LossyImageCompressionMethod" not in ds and syntax in _LOSSY_METHOD:
-            ds.LossyImageCompressionMethod = _LOSSY_METHOD[syntax]
+def _lossy_instance_uid(source_uid: str, syntax: UID, quality: int) -> str:
+    """The new SOP Instance UID of a lossy result: ``generate_uid`` seeded with the source
+    UID, syntax and quality, so a task that runs twice writes the same UID (idempotent),
+    while every distinct lossy derivative of an instance gets its own."""
+    return str(generate_uid(entropy_srcs=["discflow lossy", source_uid, str(syntax), str(quality)]))
 
 
-def _was_lossy(ds: Dataset, syntax: UID) -> bool:
-    return syntax in _LOSSY_METHOD or ds.get("LossyImageCompression") == "01"
+def _source_lossy_method(ds: Dataset, syntax: UID) -> str | None:
+    """How the source was lossy compressed, or None if its pixels are original."""
+    method = _LOSSY_METHOD.get(syntax)
+    if method and syntax in _J2K_SYNTAXES | {JPEG_LS_NEAR_LOSSLESS}:
+        # .4.91/.4.93/.4.203 may hold reversible codestreams, .4.81 a NEAR=0 one.
+        try:
+            fragment = _first_fragment_head(ds)
+            if syntax == JPEG_LS_NEAR_LOSSLESS:
+                lossless = _sniff_jpeg(fragment) == JPEG_LS_LOSSLESS
+            else:
+                cod = fragment.find(b"\xff\x52")
+                lossless = cod > 0 and cod + 13 < len(fragment) and fragment[cod + 13] == 1
+        except ConversionError:
+            lossless = False
+        if lossless:
+            method = None
+    if method is None and ds.get("LossyImageCompression") == "01":
+        return ""  # flagged lossy earlier, method unknown here
+    return method
+
+
+def _mark_lossy_source(ds: Dataset, method: str) -> None:
+    """Once lossy, always flagged lossy (PS3.3 C.7.6.1.1.5), also after decompression."""
+    ds.LossyImageCompression = "01"
+    if method and not _existing(ds, "LossyImageCompressionMethod"):
+        ds.LossyImageCompressionMethod = method
 
 
 def _swap_other_words(ds: Dataset) -> None:
     """Big -> little endian for OW/OF/OL/OD/OV values (pydicom writes those bytes as read)."""
+    pixel_data = ds["PixelData"] if "PixelData" in ds else None  # replaced from the decode
     for element in ds.iterall():
         width = _SWAP_WIDTH.get(element.VR)
-        if width and isinstance(element.value, bytes | bytearray) and element.tag != 0x7FE00010:
+        if width and isinstance(element.value, bytes | bytearray) and element is not pixel_data:
             value = bytes(element.value)
             usable = len(value) - len(value) % width
             element.value = np.frombuffer(value[:usable], dtype=f">u{width}").astype(f"<u{width}").tobytes() \
@@ -775,10 +870,10 @@ def _write(ds: Dataset, syntax: UID, bytes_in: int, destination: Path, *, lossy:
                 dcmwrite(stream, ds, enforce_file_format=True)
                 bytes_out = stream.tell()
         os.replace(partial, destination)
-    except ConversionError:
+    except (OSError, MemoryError):  # the spool's problem, not the instance's: fail the task
         partial.unlink(missing_ok=True)
         raise
-    except (ValueError, TypeError, OverflowError, AttributeError) as error:
+    except Exception as error:  # pydicom found an element it cannot encode (lazy parsing)
         partial.unlink(missing_ok=True)
         raise ConversionError(f"cannot encode the data set as {syntax.name}: {_first_line(error)}") from error
     except BaseException:
@@ -806,8 +901,10 @@ def _check_native_length(ds: Dataset) -> None:
     try:
         rows, columns = int(ds.Rows), int(ds.Columns)
         samples, bits = int(ds.get("SamplesPerPixel", 1)), int(ds.BitsAllocated)
-    except (AttributeError, TypeError, ValueError):
-        return  # not enough to know; a decode (if one is needed) reports it
+    except (AttributeError, TypeError, ValueError) as error:
+        missing = [_spaced(k) for k in ("Rows", "Columns", "BitsAllocated") if ds.get(k) is None]
+        what = f"{', '.join(missing)} missing" if missing else "Rows/Columns/Bits Allocated invalid"
+        raise ConversionError(f"Pixel Data cannot be interpreted: {what}") from error
     pixels = rows * columns * _number_of_frames(ds)
     if samples == 3 and str(ds.get("PhotometricInterpretation", "")) == "YBR_FULL_422":
         needed = pixels * 2 * bits // 8

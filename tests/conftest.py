@@ -14,7 +14,7 @@ from workers.app import use_broker
 from workers.embedded import EmbeddedRedis, LocalWorkers
 from workers.settings import reload_settings
 
-SYSTEM_REDIS = os.environ.get("DISCFLOW_TEST_REDIS", "redis://127.0.0.1:6379/15")
+SYSTEM_REDIS = os.environ.get("DISCFLOW_TEST_REDIS", "redis://127.0.0.1:6379")
 CT_IMAGES = 210
 
 
@@ -43,7 +43,10 @@ def spool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _cluster(url: str, count: int, concurrency: int, log_dir: Path) -> Iterator[str]:
-    redis.Redis.from_url(url).flushdb()
+    client = redis.Redis.from_url(url)
+    for key in client.scan_iter():  # a previous run's queues, but not the claim
+        if key != b"discflow:test-claim":
+            client.delete(key)
     use_broker(url)
     workers = LocalWorkers(url, concurrency=concurrency, count=count, log_dir=log_dir).start()
     try:
@@ -62,6 +65,15 @@ def embedded_cluster(spool: Path, tmp_path: Path) -> Iterator[str]:
         server.stop()
 
 
+def _claim_database(server: str) -> tuple[str, redis.Redis]:
+    """A Redis database no other test session is using (sessions may run side by side)."""
+    for number in range(1, 16):
+        client = redis.Redis.from_url(f"{server}/{number}", socket_connect_timeout=1)
+        if client.set("discflow:test-claim", os.getpid(), nx=True, ex=3600):
+            return f"{server}/{number}", client
+    pytest.skip(f"every database of {server} is claimed by another test session")
+
+
 @pytest.fixture
 def system_cluster(spool: Path, tmp_path: Path) -> Iterator[str]:
     """The machine's own Redis with two worker processes, as a department would run it."""
@@ -69,4 +81,8 @@ def system_cluster(spool: Path, tmp_path: Path) -> Iterator[str]:
         redis.Redis.from_url(SYSTEM_REDIS, socket_connect_timeout=1).ping()
     except redis.ConnectionError:
         pytest.skip(f"no Redis at {SYSTEM_REDIS} (bash .ci/run starts one)")
-    yield from _cluster(SYSTEM_REDIS, count=2, concurrency=1, log_dir=tmp_path)
+    url, claim = _claim_database(SYSTEM_REDIS)
+    try:
+        yield from _cluster(url, count=2, concurrency=1, log_dir=tmp_path)
+    finally:
+        claim.flushdb()

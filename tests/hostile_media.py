@@ -163,13 +163,6 @@ def set_zip_flag(archive: Path, name: str, flag: int) -> None:
     archive.write_bytes(bytes(data))
 
 
-def header_end(path: Path) -> int:
-    """Offset of the Pixel Data element."""
-    with open(path, "rb") as handle:
-        pydicom.dcmread(handle, stop_before_pixels=True)
-        return handle.tell()
-
-
 # --- hostile cases ---------------------------------------------------------------------------
 
 def case_zip_dotdot_entry(tmp: Path) -> HostileCase:

@@ -232,6 +232,10 @@ def worker(
     app.worker_main(argv)
 
 
+# Sub-commands kept in their own modules register themselves on `cli` when imported.
+from orchestration import commands_bench, commands_jobs, commands_media  # noqa: E402,F401
+
+
 def main() -> None:
     cli(prog_name="discflow")
 

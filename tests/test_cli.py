@@ -1,0 +1,81 @@
+"""The `discflow` command as an operator meets it: exit codes, one-line errors, JSON summary."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestration.corpus import StudySpec, build_study
+
+
+def discflow(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestration.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=300)
+
+
+def test_missing_source_is_a_one_line_error():
+    result = discflow("export", "--source", "/nonexistent/study", "--out", "/tmp/x")
+    assert result.returncode == 2
+    assert "source folder not found: /nonexistent/study" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_unknown_syntax_is_refused():
+    result = discflow("export", "--source", ".", "--syntax", "jpeg2000-magic")
+    assert result.returncode == 2 and "unknown --syntax" in result.stderr
+
+
+def test_empty_source_fails_clearly_on_the_embedded_default(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    result = discflow("export", "--source", str(empty), "--out", str(tmp_path / "out"),
+                      env={"DISCFLOW_SPOOL_DIR": str(tmp_path / "spool")})
+    assert result.returncode == 1
+    assert "no DICOM instances found in the source (1 files skipped)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_json_summary_on_the_embedded_default_lists_skipped_files(tmp_path):
+    study = tmp_path / "study"
+    build_study(study, StudySpec(images=12, patient_name="CLI^TEST", patient_id="CLI-1"))
+    (study / "AUTORUN.INF").write_text("[autorun]\nopen=viewer.exe\n")
+    result = discflow("export", "--source", str(study), "--syntax", "jpeg-lossless", "--out", str(tmp_path / "out"),
+                      "--json", env={"DISCFLOW_SPOOL_DIR": str(tmp_path / "spool")})
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "succeeded"
+    assert summary["instances"] == {"total": 12, "written": 12, "failed": 0}
+    assert set(summary["stages"]) >= {"scan", "transcode", "media"}
+    for stage in ("scan", "transcode", "media"):
+        assert {"seconds", "task_seconds", "bytes_in", "bytes_out"} <= set(summary["stages"][stage])
+    assert summary["stages"]["transcode"]["instances"] == 12
+    [volume] = summary["volumes"]
+    assert Path(volume["path"]).stat().st_size == volume["bytes"] and volume["instances"] == 12
+    assert [Path(s["file"]).name for s in summary["skipped"]] == ["AUTORUN.INF"]
+
+
+def test_import_list_shows_the_disc(tmp_path):
+    study = tmp_path / "study"
+    build_study(study, StudySpec(images=4, patient_name="LIST^TEST", patient_id="LST-1"))
+    result = discflow("import", str(study), "--list", "--json")
+    assert result.returncode == 0, result.stderr
+    listing = json.loads(result.stdout)
+    assert listing["instances"] == 4
+    assert listing["patients"][0]["id"] == "LST-1"
+    assert listing["syntaxes"] == {"Explicit VR Little Endian": 4}
+
+
+def test_worker_needs_a_broker():
+    result = discflow("worker", env={"DISCFLOW_BROKER_URL": ""})
+    assert result.returncode == 2 and "DISCFLOW_BROKER_URL" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["export", "import", "demo", "worker"])
+def test_every_command_has_worked_examples_in_its_help(command):
+    result = discflow(command, "--help")
+    assert result.returncode == 0 and ("Example" in result.stdout or "discflow " in result.stdout)

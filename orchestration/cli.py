@@ -97,8 +97,18 @@ def export(
     accession: Annotated[Optional[str], typer.Option(help="With --from-node: an accession number.")] = None,
     syntax: Annotated[str, typer.Option(help=f"Transfer-syntax policy: {', '.join(POLICIES)}.")] = "keep",
     out: Annotated[Path, typer.Option(help="Folder for the disc images (VOL001.ISO, ...).")] = Path("out"),
-    volume_capacity: Annotated[Optional[int], typer.Option(help="Usable bytes per volume (default: CD).")] = None,
+    volume_capacity: Annotated[Optional[int], typer.Option(help="Usable bytes per volume (default: the --media type's).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Instances per transcode task.")] = None,
+    profile: Annotated[str, typer.Option(help="Media profile: auto, STD-GEN-CD, STD-GEN-DVD-JPEG, STD-GEN-DVD-J2K, "
+                                              "STD-GEN-USB-JPEG, STD-GEN-USB-J2K, GUIDELINE.")] = "auto",
+    media: Annotated[Optional[str], typer.Option(help="cd (700 MB), dvd (4.7 GB), dvd-dl (8.5 GB), bd (25 GB), "
+                                                      "usb (a folder USB001/, no ISO).")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="Report to put on the disc (.pdf or .txt), per job.")] = None,
+    viewer: Annotated[Optional[Path], typer.Option(help="Viewer folder copied to VIEWER/ with AUTORUN.INF.")] = None,
+    hot_folder: Annotated[Optional[Path], typer.Option(help="Disc-robot hot folder for each finished volume.")] = None,
+    robot: Annotated[Optional[str], typer.Option(help="Robot reading --hot-folder: primera (.JRQ) or epson (.JDF).")] = None,
+    burn_device: Annotated[Optional[str], typer.Option(help="Burn each volume to this drive with xorriso and verify "
+                                                            "({n}: volume number).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary object.")] = False,
 ) -> None:
     """Export studies to ISO 9660 disc images with a DICOMDIR (IHE PDI layout).
@@ -109,13 +119,19 @@ def export(
 
         discflow export --from-node ORTHANC@127.0.0.1:4242 --patient-id 12345 --syntax uncompressed --out ./out
 
+        discflow export --source ./study --profile GUIDELINE --report report.txt --viewer /srv/viewer --media dvd
+
+        discflow export --source ./study --media usb --out /media/stick
+
         DISCFLOW_BROKER_URL=redis://127.0.0.1:6379/0 discflow export --source ./study --json
     """
+    from orchestration.commands_media import burn_volumes, media_options
     if syntax not in POLICIES:
         _fail(f"unknown --syntax {syntax!r}; choose one of {', '.join(POLICIES)}")
     try:
         request = {"source": _source(source, from_node, patient_id, study_uid, accession), "syntax": syntax,
-                   "out_dir": str(out.resolve()), "volume_capacity": volume_capacity, "batch_size": batch_size}
+                   "out_dir": str(out.resolve()), "volume_capacity": volume_capacity, "batch_size": batch_size,
+                   **media_options(syntax, profile, media, report, viewer, hot_folder, robot, burn_device)}
     except (UsageError, ValueError) as error:
         _fail(str(error))
     out.mkdir(parents=True, exist_ok=True)
@@ -123,6 +139,7 @@ def export(
         summary = run_job("export", request, as_json)
     except (JobFailed, EmbeddedBrokerError) as error:
         _fail(str(error), 1)
+    burn_volumes(summary, burn_device or get_settings().burn_device, as_json)
     _report(summary, as_json, "export")
 
 
@@ -233,7 +250,7 @@ def worker(
 
 
 # Sub-commands kept in their own modules register themselves on `cli` when imported.
-from orchestration import commands_bench, commands_jobs, commands_media  # noqa: E402,F401
+from orchestration import commands_bench, commands_jobs, commands_media, commands_ops  # noqa: E402,F401
 
 
 def main() -> None:

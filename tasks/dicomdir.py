@@ -213,10 +213,13 @@ PROFILE_TRANSFER_SYNTAXES: dict[str, frozenset[str]] = {
     "STD-GEN-USB-JPEG": frozenset({ExplicitVRLittleEndian, *_JPEG}),
     "STD-GEN-USB-J2K": frozenset({ExplicitVRLittleEndian, *_JPEG, *_J2K}),
     "USB": frozenset({ExplicitVRLittleEndian, *_JPEG, *_J2K}),
+    "GUIDELINE": frozenset({ExplicitVRLittleEndian, *_JPEG}),
 }
 """Transfer syntaxes each media profile allows (PS3.11 Annex D / DCMTK dcmmkdir's checks).
 JPEG lossless is Process 14 SV1 (.4.70) only; the DVD/USB JPEG 2000 profiles include the JPEG
-ones. ``USB`` is discflow's name for STD-GEN-USB-J2K."""
+ones. ``USB`` is discflow's name for STD-GEN-USB-J2K. ``GUIDELINE`` (a national guideline for
+discs between hospitals): images raw, or JPEG lossless / extended when compression is asked.
+tasks.profiles adds what else each profile asks for (report, viewer)."""
 
 
 def check_profile(entries: Iterable[DirectoryEntry], profile: str) -> list[str]:

@@ -1,7 +1,8 @@
 """DICOM networking: find studies (C-FIND), retrieve series (C-GET), store files (C-STORE).
 
 Plain functions, no Celery. Every association discflow opens goes through
-:func:`_association`, which binds :data:`TCP_NODELAY_HANDLER`: Nagle's algorithm is off on
+:func:`_association`, which binds :func:`_on_connection_open` (exported for servers as
+:data:`TCP_NODELAY_HANDLER`): Nagle's algorithm is off on
 every socket discflow opens, and on Linux we ACK at once, which also removes the stall a
 stock (Nagle-on) peer would add on its side (see "Known behaviour of the peers" in
 DESIGN.md). A future Storage SCP (C-MOVE destination) passes the same handler to
@@ -68,6 +69,10 @@ from pynetdicom.transport import AssociationSocket
 from tasks.spool import atomic_writer
 
 LOGGER = logging.getLogger(__name__)
+if logging.getLogger("pynetdicom").level == logging.NOTSET:
+    # pynetdicom logs C-FIND/C-GET identifiers (Patient ID, ...) at INFO: keep them out of
+    # worker logs unless someone asked for pynetdicom's logging explicitly.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 # Send files by path as the raw bytes after the file meta, never decoded (pynetdicom >= 2).
 # Process-wide by pynetdicom's design; it only changes send_c_store(<path>).
@@ -224,6 +229,26 @@ TCP_NODELAY_HANDLER = (evt.EVT_CONN_OPEN, _on_connection_open)
 """Bind on every association and server: ``evt_handlers=[TCP_NODELAY_HANDLER, ...]``."""
 
 
+def _pause_reactor(assoc: Association) -> None:
+    """Stop the association's reactor thread for certain before a request (pynetdicom 3 race).
+
+    pynetdicom's ``send_*``/``release`` clear ``_reactor_checkpoint`` and wait for
+    ``_is_paused``, but that flag is still True from the previous pause when the reactor has
+    not yet woken up from it; the reactor then wakes, takes our response off the DIMSE queue
+    ("Received unexpected C-STORE service message") and the request waits for the whole
+    DIMSE timeout before aborting. Fast peers and busy CPUs make it likelier (seen: about 1 in
+    100 associations under load). Forgetting the stale flag makes the wait a real handshake.
+    """
+    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
+    if checkpoint is None or not hasattr(assoc, "_is_paused"):
+        return  # a pynetdicom without this mechanism: nothing to work around
+    checkpoint.clear()
+    assoc._is_paused = False
+    deadline = time.monotonic() + 5
+    while not assoc._is_paused and assoc.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.0001)
+
+
 def _application_entity(calling_ae: str, timeout: float) -> AE:
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
@@ -246,6 +271,7 @@ def _association(node: Node, calling_ae: str, timeout: float, contexts: list[Pre
         yield assoc
     finally:
         if assoc.is_established:
+            _pause_reactor(assoc)
             assoc.release()
 
 
@@ -278,7 +304,9 @@ def find_instances(node: Node, *, patient_id: str | None = None, study_uids: Seq
     """Series of the studies matching every given key (Study Root C-FIND, STUDY then SERIES).
 
     Keys match exactly: wildcards are refused, and studies whose returned Patient ID or
-    Accession Number differs from the one asked for are dropped.
+    Accession Number differs from the one asked for are dropped. Raises
+    :class:`AssociationFailed` when the PACS cannot be reached, :class:`DimseError` when a
+    C-FIND fails.
     """
     if not (patient_id or study_uids or accession_number):
         raise ValueError("find_instances needs a patient id, an accession number or study UIDs; "
@@ -295,6 +323,7 @@ def find_instances(node: Node, *, patient_id: str | None = None, study_uids: Seq
 
 
 def _c_find(assoc: Association, query: Dataset) -> Iterator[Dataset]:
+    _pause_reactor(assoc)
     for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
         if not status:
             raise DimseError("C-FIND: no response (association aborted or timed out)")
@@ -417,11 +446,14 @@ def _on_c_store(event: evt.Event, received: _Received) -> int:
 
 
 def retrieve_series(node: Node, series: Sequence[SeriesRef], destination: Path, *, associations: int = 4,
-                    calling_ae: str = "DISCFLOW", timeout: float = 30) -> RetrieveResult:
+                    calling_ae: str = "DISCFLOW", timeout: float = 30, retries: int = 3,
+                    backoff: float = 0.5) -> RetrieveResult:
     """C-GET each series over up to ``associations`` parallel associations into ``destination``.
 
     Every instance is written as received (Part 10, no decoding), atomically, named by
-    :func:`instance_file_name`. A series whose C-GET fails is reported, the others go on.
+    :func:`instance_file_name`. A series whose C-GET fails is reported, the others go on;
+    an association that cannot be opened is retried like in :func:`store_files`. Running it
+    again is harmless: files are replaced atomically.
     """
     started = time.perf_counter()
     destination.mkdir(parents=True, exist_ok=True)
@@ -433,8 +465,10 @@ def retrieve_series(node: Node, series: Sequence[SeriesRef], destination: Path, 
     failures: list[RetrieveFailure] = []
     width = max(1, min(associations, len(series)))
 
+    policy = _Retry(retries, backoff)
+
     def work(_: int) -> None:
-        failures.extend(_retrieve_worker(node, pending, received, contexts, roles, calling_ae, timeout))
+        failures.extend(_retrieve_worker(node, pending, received, contexts, roles, calling_ae, timeout, policy))
 
     with ThreadPoolExecutor(width, thread_name_prefix="c-get") as pool:
         list(pool.map(work, range(width)))
@@ -445,20 +479,37 @@ def retrieve_series(node: Node, series: Sequence[SeriesRef], destination: Path, 
     return result
 
 
+@dataclass(frozen=True)
+class _Retry:
+    retries: int
+    backoff: float
+
+    def wait(self, attempt: int) -> None:
+        """Sleep before attempt number ``attempt`` (0 = the first: no wait)."""
+        if attempt:
+            time.sleep(self.backoff * 2 ** (attempt - 1))
+
+
 def _retrieve_worker(node: Node, pending: queue.SimpleQueue[SeriesRef], received: _Received,
                      contexts: list[PresentationContext], roles: list[Any], calling_ae: str,
-                     timeout: float) -> list[RetrieveFailure]:
+                     timeout: float, policy: _Retry) -> list[RetrieveFailure]:
     """Take series off ``pending`` until it is empty; one association, reopened if it breaks."""
     failures = []
     handlers = [(evt.EVT_C_STORE, _on_c_store, [received])]
+    attempt = 0
     while not pending.empty():
+        policy.wait(attempt)
+        attempt += 1
         try:
             with _association(node, calling_ae, timeout, contexts, roles=roles, handlers=handlers) as assoc:
+                attempt = 0  # every association takes at least one series: no endless loop
                 while assoc.is_established and (ref := _next(pending)) is not None:
                     if (reason := _get_series(assoc, ref)) is not None:
                         failures.append(RetrieveFailure(ref.series_instance_uid, reason))
         except AssociationFailed as exc:
-            failures += [RetrieveFailure(ref.series_instance_uid, exc.reason) for ref in _drain(pending)]
+            if not exc.transient or attempt > policy.retries:
+                reason = f"{exc.reason} (gave up after {attempt} attempt{'s' * (attempt != 1)})"
+                failures += [RetrieveFailure(ref.series_instance_uid, reason) for ref in _drain(pending)]
     return failures
 
 
@@ -481,6 +532,7 @@ def _get_series(assoc: Association, ref: SeriesRef) -> str | None:
     query.StudyInstanceUID = ref.study_instance_uid
     query.SeriesInstanceUID = ref.series_instance_uid
     final: Dataset | None = None
+    _pause_reactor(assoc)
     for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
         if not status:
             return "no C-GET response (association aborted or timed out)"
@@ -514,8 +566,7 @@ class _StoreOptions:
     mode: str
     calling_ae: str
     timeout: float
-    retries: int
-    backoff: float
+    policy: _Retry
 
 
 ContextKey = tuple[str, tuple[str, ...]]
@@ -551,7 +602,8 @@ def wanted_contexts(sop_class: str, transfer_syntax: str, mode: str) -> list[Con
     return [(sop_class, (transfer_syntax,)), (sop_class, UNCOMPRESSED)]
 
 
-def pack_contexts(needs: dict[Any, list[ContextKey]], limit: int = MAX_CONTEXTS) -> list[tuple[list[ContextKey], list[Any]]]:
+def pack_contexts(needs: dict[Any, list[ContextKey]],
+                  limit: int = MAX_CONTEXTS) -> list[tuple[list[ContextKey], list[Any]]]:
     """Group keys so that each group's contexts fit one association: [(contexts, keys), ...]."""
     groups: list[tuple[list[ContextKey], list[Any]]] = []
     for key, wanted in needs.items():
@@ -579,7 +631,7 @@ def store_files(node: Node, files: Sequence[Path], *, mode: str = "negotiate", a
     if mode not in STORE_MODES:
         raise ValueError(f"unknown store mode {mode!r}; expected one of {', '.join(STORE_MODES)}")
     started = time.perf_counter()
-    options = _StoreOptions(node, mode, calling_ae, timeout, retries, backoff)
+    options = _StoreOptions(node, mode, calling_ae, timeout, _Retry(retries, backoff))
     headers = [_read_header(Path(path)) for path in files]
     outcomes: dict[int, StoreOutcome] = {i: h for i, h in enumerate(headers) if isinstance(h, StoreOutcome)}
     chunks = _store_chunks([(i, h) for i, h in enumerate(headers) if isinstance(h, _Header)], mode, associations)
@@ -612,9 +664,8 @@ def _store_chunk(options: _StoreOptions, contexts: list[PresentationContext],
     """Send ``members`` on one association; reopen it (with backoff) while failures are transient."""
     outcomes: dict[int, StoreOutcome] = {}
     pending, reason, attempts = list(members), "", 0
-    while pending and attempts <= options.retries:
-        if attempts:
-            time.sleep(options.backoff * 2 ** (attempts - 1))
+    while pending and attempts <= options.policy.retries:
+        options.policy.wait(attempts)
         attempts += 1
         try:
             with _association(options.node, options.calling_ae, options.timeout, contexts) as assoc:
@@ -654,7 +705,13 @@ def _send_one(assoc: Association, header: _Header, mode: str) -> StoreOutcome | 
         payload: Path | Dataset = _converted(header, convert) if convert or not header.has_meta else header.path
     except Exception as exc:  # any codec error: this file fails, the others go on
         return _outcome(header, None, None, f"cannot convert from {header.transfer_syntax.name}: {exc}")
-    status = assoc.send_c_store(payload)
+    try:
+        _pause_reactor(assoc)
+        status = assoc.send_c_store(payload)
+    except RuntimeError:  # the association ended under us
+        return None
+    except (ValueError, AttributeError) as exc:  # pynetdicom could not encode or place this one file
+        return _outcome(header, None, None, f"cannot send: {exc}")
     if not status:
         return None
     code = int(status.Status)

@@ -19,8 +19,8 @@ from pydicom.valuerep import PersonName
 
 from tasks.dicomdir import DirectoryEntry, group_entries
 
-__all__ = ["DiscSummary", "PatientSummary", "SeriesSummary", "StudySummary", "index_html", "readme_text",
-           "summarize"]
+__all__ = ["DiscSummary", "PatientSummary", "ReportSummary", "SeriesSummary", "StudySummary", "attach_web_content",
+           "index_html", "readme_text", "summarize"]
 
 
 @dataclass
@@ -29,6 +29,18 @@ class SeriesSummary:
     modality: str
     description: str
     instances: int
+    uid: str = ""
+    thumbnail: str | None = None
+    """Media path of the series' thumbnail (IHE_PDI/T0000001.PNG), if one was made."""
+
+
+@dataclass
+class ReportSummary:
+    title: str
+    pdf: str
+    """Media path of the report's PDF copy in the web content."""
+    text: str | None = None
+    """Media path of its plain-HTML copy, when the text is known."""
 
 
 @dataclass
@@ -39,6 +51,8 @@ class StudySummary:
     accession: str
     modalities: list[str]
     series: list[SeriesSummary] = field(default_factory=list)
+    uid: str = ""
+    reports: list[ReportSummary] = field(default_factory=list)
 
     @property
     def instances(self) -> int:
@@ -137,16 +151,26 @@ def summarize(entries: Sequence[DirectoryEntry], *, volume_no: int, volume_count
                 SeriesSummary(number=_number(_get(series.dataset, "SeriesNumber")),
                               modality=_clean(_get(series.dataset, "Modality")),
                               description=_clean(_get(series.dataset, "SeriesDescription")),
-                              instances=len(series.entries))
+                              instances=len(series.entries), uid=series.uid)
                 for series in study.series.values()]
             modalities = sorted({s.modality for s in series_list if s.modality})
             patient_summary.studies.append(StudySummary(
                 date=_date(_get(study.dataset, "StudyDate")),
                 description=_clean(_get(study.dataset, "StudyDescription")),
                 accession=_clean(_get(study.dataset, "AccessionNumber")),
-                modalities=modalities, series=series_list))
+                modalities=modalities, series=series_list, uid=study.uid))
         summary.patients.append(patient_summary)
     return summary
+
+
+def attach_web_content(summary: DiscSummary, thumbnails: dict[str, str],
+                       reports: dict[str, list[tuple[str, str, str | None]]]) -> None:
+    """Link each series to its thumbnail and each study to its report copies (media paths), by UID."""
+    for patient in summary.patients:
+        for study in patient.studies:
+            study.reports = [ReportSummary(_clean(title), pdf, text) for title, pdf, text in reports.get(study.uid, [])]
+            for series in study.series:
+                series.thumbnail = thumbnails.get(series.uid)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,18 +231,22 @@ def readme_text(summary: DiscSummary) -> str:
                 if series.description:
                     text += f" {_ascii(series.description)}"
                 lines.append(f"{text} ({_plural(series.instances, 'file')})")
+            for report in study.reports:
+                lines.append(f"    report: {_ascii(report.title)} ({report.pdf.replace('/', chr(92))})")
     lines += [
         "",
         "HOW TO VIEW",
         "-----------",
         "- With a DICOM viewer: open the DICOMDIR file in the top folder of this disc",
         "  (in most viewers: \"Open DICOMDIR\", \"Import\" or \"Open CD/DVD\").",
-        "- In a web browser: open INDEX.HTM for a list of what is on this disc.",
+        "- In a web browser: open INDEX.HTM for a list of what is on this disc, with a",
+        "  picture of each series and the reports (their copies are in the folder IHE_PDI).",
     ]
     if summary.web_content:
         lines.append(f"  Pictures and reports viewable in a browser start at {_ascii(summary.web_content)}.")
     if summary.viewer:
-        lines.append(f"- A viewer is included: {_ascii(summary.viewer)} (it does not start by itself).")
+        lines.append(f"- A viewer is included: {_ascii(summary.viewer).replace('/', chr(92))} (double-click it;")
+        lines.append("  Windows may also offer to start it when the disc is inserted).")
     lines += [
         "- The DICOM files are in the folder DICOM; they have no file name extension.",
         "",
@@ -235,7 +263,8 @@ def readme_text(summary: DiscSummary) -> str:
 _STYLE = ("body{font-family:sans-serif;margin:2em;max-width:60em}"
           "table{border-collapse:collapse;margin:.5em 0 1.5em}"
           "th,td{border:1px solid #999;padding:.2em .6em;text-align:left;vertical-align:top}"
-          "th{background:#eee}td.n{text-align:right}")
+          "th{background:#eee}td.n{text-align:right}td.t{width:260px;text-align:center}"
+          "img{max-width:256px;background:#000}")
 
 
 def _e(value: object) -> str:
@@ -247,6 +276,23 @@ def _href(path: str) -> str:
     return html.escape("/".join(quote(part) for part in path.split("/")), quote=True)
 
 
+def _picture(series: SeriesSummary) -> str:
+    if not series.thumbnail:
+        return "(no picture)"
+    label = _e(f"series {series.number if series.number is not None else '-'} {series.modality} {series.description}")
+    return f'<img src="{_href(series.thumbnail)}" alt="{label}">'
+
+
+def _report_list(study: StudySummary) -> list[str]:
+    if not study.reports:
+        return []
+    items = []
+    for report in study.reports:
+        text = f' (<a href="{_href(report.text)}">as text</a>)' if report.text else ""
+        items.append(f'<li>Report: <a href="{_href(report.pdf)}">{_e(report.title) or "report"}</a> (PDF){text}</li>')
+    return ["<ul>", *items, "</ul>"]
+
+
 def index_html(summary: DiscSummary) -> str:
     """INDEX.HTM: static HTML listing patients, studies and series; every header value escaped."""
     title = f"DICOM media, volume {summary.volume_no} of {summary.volume_count}"
@@ -256,7 +302,7 @@ def index_html(summary: DiscSummary) -> str:
         "<head>",
         '<meta charset="utf-8">',
         "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; "
-        "style-src 'unsafe-inline'; img-src 'self'\">",
+        "style-src 'unsafe-inline'; img-src 'self' file:\">",
         f"<title>{_e(title)}</title>",
         f"<style>{_STYLE}</style>",
         "</head>",
@@ -300,13 +346,16 @@ def index_html(summary: DiscSummary) -> str:
             out += [
                 f'<h3 id="p{p_index}s{s_index}">Study {heading}</h3>',
                 "<table>",
-                "<thead><tr><th>Series</th><th>Modality</th><th>Description</th><th>Files</th></tr></thead>",
+                "<thead><tr><th>Series</th><th>Modality</th><th>Description</th><th>Files</th>"
+                "<th>Picture</th></tr></thead>",
                 "<tbody>",
             ]
             for series in study.series:
                 number = "-" if series.number is None else str(series.number)
                 out.append(f'<tr><td class="n">{number}</td><td>{_e(series.modality)}</td>'
-                           f'<td>{_e(series.description)}</td><td class="n">{series.instances}</td></tr>')
+                           f'<td>{_e(series.description)}</td><td class="n">{series.instances}</td>'
+                           f'<td class="t">{_picture(series)}</td></tr>')
             out += ["</tbody>", "</table>"]
+            out += _report_list(study)
     out += ["</body>", "</html>", ""]
     return "\n".join(out)

@@ -21,9 +21,11 @@ Speed
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
+import shutil
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
@@ -31,7 +33,7 @@ import pycdlib
 
 from tasks.spool import atomic_writer
 
-__all__ = ["build_iso", "level1_path", "read_iso_listing"]
+__all__ = ["build_folder", "build_iso", "level1_path", "read_iso_listing"]
 
 _LEVEL1_DIRECTORY = re.compile(r"[A-Z0-9_]{1,8}")
 _LEVEL1_FILE = re.compile(r"[A-Z0-9_]{1,8}(\.[A-Z0-9_]{1,3})?")
@@ -225,3 +227,54 @@ def read_iso_listing(path: Path) -> list[str]:
         return sorted(listing)
     finally:
         disc.close()
+
+
+def build_folder(path: Path, files: Iterable[tuple[str, Path]], *,
+                 extra_files: Iterable[tuple[str, bytes]] = ()) -> tuple[int, list[tuple[str, str]]]:
+    """Write the same file-set as :func:`build_iso` as a folder tree at ``path`` (a USB volume).
+
+    Media paths are used as they are (the DICOM names are already upper-case 8-character
+    components). The tree is written under a temporary name beside ``path`` and renamed over it, so
+    a rerun never leaves half a volume. Each file is hashed while it is copied (one read); returns
+    the bytes written and ``(media path, SHA-256)`` per file for the checksum manifest.
+    """
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.part")
+    shutil.rmtree(staging, ignore_errors=True)
+    items: list[tuple[str, Path | bytes]] = [(name, Path(source)) for name, source in files]
+    items += [(name, bytes(content)) for name, content in extra_files]
+    seen: set[str] = set()
+    digests: list[tuple[str, str]] = []
+    total = 0
+    for media_path, source in items:
+        parts = _split(media_path)
+        if "/".join(parts).upper() in seen:
+            raise ValueError(f"{media_path} is on the volume twice (or differs from another path only in case)")
+        seen.add("/".join(parts).upper())
+        target = staging.joinpath(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        digest, size = _copy_hashing(source, target)
+        digests.append(("/".join(parts), digest))
+        total += size
+    old = path.with_name(f".{path.name}.old")
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(staging, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return total, digests
+
+
+def _copy_hashing(source: Path | bytes, target: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    if isinstance(source, bytes):
+        digest.update(source)
+        target.write_bytes(source)
+        return digest.hexdigest(), len(source)
+    size = 0
+    with open(source, "rb") as reader, open(target, "wb") as writer:
+        while chunk := reader.read(_WRITE_BLOCK):
+            digest.update(chunk)
+            writer.write(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size

@@ -16,7 +16,7 @@ PATIENT_KEYWORDS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBir
 STUDY_KEYWORDS = ("StudyInstanceUID", "StudyDate", "StudyTime", "StudyDescription", "StudyID",
                   "AccessionNumber", "ReferringPhysicianName")
 SERIES_KEYWORDS = ("SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription", "SeriesDate",
-                   "BodyPartExamined")
+                   "SeriesTime", "BodyPartExamined", "InstitutionName", "InstitutionAddress", "PerformingPhysicianName")
 INSTANCE_KEYWORDS = (
     "SOPClassUID", "SOPInstanceUID", "InstanceNumber", "ImageType", "Rows", "Columns", "NumberOfFrames",
     "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit",
@@ -25,6 +25,12 @@ INSTANCE_KEYWORDS = (
     "ContentLabel", "ContentDescription", "PresentationCreationDate", "PresentationCreationTime",
     "LossyImageCompression", "SliceLocation", "ImagePositionPatient", "WindowCenter", "WindowWidth",
     "RescaleSlope", "RescaleIntercept",
+    # Directory record keys of non-image leaves (PS3.3 F.5), so DICOMDIR records need no stand-ins:
+    "AcquisitionTime", "InstanceCreationDate", "InstanceCreationTime", "VerifyingObserverSequence",
+    "ContentCreatorName", "HL7InstanceIdentifier", "UserContentLabel", "UserContentLongLabel",
+    "DoseSummationType", "DoseComment", "StructureSetLabel", "StructureSetDate", "StructureSetTime",
+    "RTPlanLabel", "RTPlanDate", "RTPlanTime", "TreatmentDate", "TreatmentTime", "DataPointRows",
+    "DataPointColumns", "VOILUTFunction",
 )
 
 

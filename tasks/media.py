@@ -1,4 +1,13 @@
-"""assemble-media: lay out the PDI file-set of each volume, write DICOMDIR, index and the ISO image."""
+"""assemble-media: lay out the PDI file-set of each volume, write DICOMDIR, index and the ISO image.
+
+Per volume (each a complete file-set, labelled "n of m"): DICOMDIR (records keyed for the job's
+profile), the DICOM files, README.TXT, INDEX.HTM with a thumbnail per series and links to the
+reports, IHE_PDI/ (thumbnails, report copies), the viewer bundle with AUTORUN.INF when one is
+configured, and a SHA-256 manifest beside the image. ``--media usb`` writes the same tree as a
+folder ``USB001/`` instead of an ISO. With a robot hot folder configured, each finished ISO is
+handed to the robot (tasks.burn); burning to a local drive is the CLI's job (the drive is at the
+operator's desk, not necessarily at the worker).
+"""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -7,13 +16,19 @@ from pathlib import Path
 from typing import Any
 
 from celery import chord
+from pydicom import config
 
+from tasks.burn import BurnError, VolumeToBurn, handoff_to_robot, sha256_file, write_folder_checksums, \
+    write_image_checksum
 from tasks.dicomdir import DirectoryEntry, file_id_for, write_dicomdir
-from tasks.disc_index import index_html, readme_text, summarize
-from tasks.iso_image import build_iso
+from tasks.disc_index import attach_web_content, index_html, readme_text, summarize
+from tasks.iso_image import build_folder, build_iso
 from tasks.manifest import Manifest, dataset_from_json
+from tasks.profiles import MEDIA_CAPACITY_BYTES, conversion_summary
 from tasks.spool import JobSpool, read_json, write_json
+from tasks.viewer_bundle import ViewerBundle, autorun_inf, load_viewer
 from tasks.volume_plan import Output, plan_volumes
+from tasks.web_content import build_web_content
 from workers import progress
 from workers.app import app
 from workers.settings import get_settings
@@ -43,12 +58,28 @@ def resolve_outputs(spool: JobSpool, manifest: Manifest) -> tuple[dict[int, Outp
     return outputs, failures
 
 
+def volume_capacity(options: dict[str, Any]) -> int | None:
+    """Bytes per volume: --volume-capacity, else the --media type's, else the configured default
+    (a CD). None for a USB folder without an explicit capacity: one volume."""
+    if options.get("volume_capacity"):
+        return int(options["volume_capacity"])
+    if options.get("media"):
+        return MEDIA_CAPACITY_BYTES[options["media"]]
+    return get_settings().volume_capacity_bytes
+
+
+def job_viewer(options: dict[str, Any]) -> ViewerBundle | None:
+    settings = get_settings()
+    return load_viewer(options.get("viewer_dir") or settings.viewer_dir, settings.viewer_start)
+
+
 def plan_media(spool: JobSpool) -> int:
     """Decide the volumes; write the plan to the spool; return how many volumes there are."""
     manifest = load_manifest(spool)
     outputs, failures = resolve_outputs(spool, manifest)
-    capacity = int(manifest.options.get("volume_capacity") or get_settings().volume_capacity_bytes)
-    volumes = plan_volumes(manifest, outputs, capacity) if outputs else []
+    viewer = job_viewer(manifest.options)
+    reserved = viewer.disc_bytes if viewer else 0
+    volumes = plan_volumes(manifest, outputs, volume_capacity(manifest.options), reserved) if outputs else []
     write_json(spool.path / "media" / "plan.json", {
         "volumes": volumes, "outputs": {i: asdict(o) for i, o in outputs.items()}, "failures": failures})
     return len(volumes)
@@ -56,10 +87,21 @@ def plan_media(spool: JobSpool) -> int:
 
 def _directory_entries(manifest: Manifest, indices: list[int], outputs: dict[str, Any]) -> list[tuple[DirectoryEntry, str]]:
     """Directory entries for one volume with their file IDs, patient > study > series > instance number."""
+    # Series in Series Number order (as a reader lists them), instances in Instance Number order.
     instances = sorted((manifest.instances[i] for i in indices),
-                       key=lambda i: (i.patient, i.study, i.series, _instance_number(i.attributes), i.index))
+                       key=lambda i: (i.patient, i.study, _series_number(manifest, i.series), i.series,
+                                      _instance_number(i.attributes), i.index))
     numbers: dict[str, dict[int, int]] = defaultdict(dict)
     per_series: dict[int, int] = defaultdict(int)
+    # Each patient, study and series is parsed once and shared by its instances (the writers only read
+    # them): parsing them per instance was most of this stage's time.
+    levels: dict[tuple[str, int], Any] = {}
+
+    def level(kind: str, index: int) -> Any:
+        if (kind, index) not in levels:
+            levels[kind, index] = dataset_from_json(getattr(manifest, kind)[index].attributes)
+        return levels[kind, index]
+
     entries = []
     for instance in instances:
         patient_no = numbers["patient"].setdefault(instance.patient, len(numbers["patient"]) + 1)
@@ -71,17 +113,20 @@ def _directory_entries(manifest: Manifest, indices: list[int], outputs: dict[str
             file_id=file_id_for(patient_no, study_no, series_no, per_series[instance.series]),
             sop_class_uid=instance.sop_class_uid, sop_instance_uid=output["sop_instance_uid"],
             transfer_syntax=output["transfer_syntax"],
-            patient=dataset_from_json(manifest.patients[instance.patient].attributes),
-            study=dataset_from_json(manifest.studies[instance.study].attributes),
-            series=dataset_from_json(manifest.series[instance.series].attributes),
+            patient=level("patients", instance.patient), study=level("studies", instance.study),
+            series=level("series", instance.series),
             instance=dataset_from_json(instance.attributes),
         )
         entries.append((entry, output["path"]))
     return entries
 
 
-def _instance_number(attributes: dict[str, Any]) -> int:
-    value = attributes.get("00200013", {}).get("Value", [0])[0]
+def _series_number(manifest: Manifest, series: int) -> int:
+    return _instance_number(manifest.series[series].attributes, "00200011")
+
+
+def _instance_number(attributes: dict[str, Any], tag: str = "00200013") -> int:
+    value = (attributes.get(tag, {}).get("Value") or [0])[0]
     try:
         return int(value)
     except (TypeError, ValueError):
@@ -89,27 +134,67 @@ def _instance_number(attributes: dict[str, Any]) -> int:
 
 
 def assemble_volume(spool: JobSpool, number: int) -> dict[str, Any]:
-    """Write volume ``number`` (1-based): DICOMDIR, README.TXT, INDEX.HTM and the ISO image."""
+    """Write volume ``number`` (1-based): DICOMDIR, README.TXT, INDEX.HTM, web content, viewer, and
+    the ISO image (or USB folder) with its checksum manifest; hand it to a robot when configured."""
     manifest = load_manifest(spool)
+    options = manifest.options
     plan = read_json(spool.path / "media" / "plan.json")
     volume_count = len(plan["volumes"])
-    pairs = _directory_entries(manifest, plan["volumes"][number - 1], plan["outputs"])
+    # Header values were checked when scanned and records repair what breaks its VR: validating every
+    # value again while parsing the manifest's JSON cost a third of this stage.
+    with config.disable_value_validation():
+        pairs = _directory_entries(manifest, plan["volumes"][number - 1], plan["outputs"])
     entries = [entry for entry, _ in pairs]
     staging = spool.path / "media" / f"VOL{number:03d}"
     dicomdir = staging / "DICOMDIR"
-    write_dicomdir(dicomdir, entries, file_set_id=_label(number))
-    settings = get_settings()
-    summary = summarize(entries, volume_no=number, volume_count=volume_count, institution=settings.institution_name)
-    out_dir = Path(manifest.options.get("out_dir") or spool.path / "out")
-    iso_path = out_dir / f"VOL{number:03d}.ISO"
+    write_dicomdir(dicomdir, entries, file_set_id=_label(number), profile=options.get("profile_resolved"))
+    web = build_web_content(pairs, options.get("report_texts") or {})
+    viewer = job_viewer(options)
+    summary = summarize(entries, volume_no=number, volume_count=volume_count,
+                        institution=get_settings().institution_name, viewer=viewer.start if viewer else None)
+    attach_web_content(summary, web.thumbnails,
+                       {uid: [(r.title, r.pdf, r.text) for r in links] for uid, links in web.reports.items()})
     files = [("DICOMDIR", dicomdir)] + [("/".join(entry.file_id), Path(path)) for entry, path in pairs]
+    files += viewer.files if viewer else []
     extra = [("README.TXT", readme_text(summary).encode("ascii", "replace")),
-             ("INDEX.HTM", index_html(summary).encode("utf-8"))]
-    size = build_iso(iso_path, files, volume_id=_label(number), extra_files=extra)
-    result = {"volume": number, "path": str(iso_path), "bytes": size, "instances": len(entries),
-              "bytes_in": sum(Path(p).stat().st_size for _, p in pairs)}
+             ("INDEX.HTM", index_html(summary).encode("utf-8")), *web.files]
+    if viewer and viewer.start:
+        extra.append(("AUTORUN.INF", autorun_inf(viewer.start, f"DICOM {number} of {volume_count}")))
+    out_dir = Path(options.get("out_dir") or spool.path / "out")
+    result = {"volume": number, "label": f"{number} of {volume_count}", "instances": len(entries),
+              "bytes_in": sum(Path(p).stat().st_size for _, p in pairs), "thumbnails": len(web.thumbnails),
+              "reports": sum(len(links) for links in web.reports.values())}
+    if options.get("media") == "usb":
+        result.update(_write_usb(out_dir / f"USB{number:03d}", files, extra))
+    else:
+        result.update(_write_iso(out_dir / f"VOL{number:03d}.ISO", files, extra, number, volume_count, options))
     write_json(staging / "result.json", result)
     return result
+
+
+def _write_usb(root: Path, files: list[tuple[str, Path]], extra: list[tuple[str, bytes]]) -> dict[str, Any]:
+    size, digests = build_folder(root, files, extra_files=extra)
+    return {"path": str(root), "bytes": size, "checksums": str(write_folder_checksums(root, digests))}
+
+
+def _write_iso(iso_path: Path, files: list[tuple[str, Path]], extra: list[tuple[str, bytes]], number: int,
+               volume_count: int, options: dict[str, Any]) -> dict[str, Any]:
+    size = build_iso(iso_path, files, volume_id=_label(number), extra_files=extra)
+    # Hashed by reading the image back (pycdlib seeks while writing); it is in the page cache.
+    checksums = write_image_checksum(iso_path, sha256_file(iso_path))
+    written: dict[str, Any] = {"path": str(iso_path), "bytes": size, "checksums": str(checksums)}
+    settings = get_settings()
+    hot_folder = options.get("hot_folder") or settings.burn_hot_folder
+    if hot_folder:
+        volume = VolumeToBurn(iso_path, _label(number), number, volume_count, options.get("media") or "cd",
+                              files=[*files, *extra])
+        try:
+            job_file = handoff_to_robot(volume, Path(hot_folder), options.get("robot") or settings.burn_robot,
+                                        robot_path=settings.burn_robot_path, copies=settings.burn_copies)
+            written["handoff"] = str(job_file)
+        except (BurnError, OSError) as error:  # the image is fine; the operator can hand it over again
+            written["handoff_error"] = str(error)
+    return written
 
 
 def _label(number: int) -> str:
@@ -129,11 +214,28 @@ def finish_export(spool: JobSpool) -> dict[str, Any]:
     summary = {
         "job_id": spool.job_id, "status": status,
         "instances": {"total": total, "written": written, "failed": failed},
-        "volumes": [{"path": v["path"], "bytes": v["bytes"], "instances": v["instances"]} for v in volumes],
+        "volumes": [_volume_summary(v) for v in volumes],
         "failures": plan["failures"], "skipped": manifest.skipped,
+        "profile": manifest.options.get("profile_resolved"), "media": manifest.options.get("media") or "cd",
+        "converted_for_profile": _converted_for_profile(manifest),
+        "profile_problems": manifest.options.get("profile_problems") or [],
     }
     write_json(spool.summary_path, summary)
     return {"job_id": spool.job_id, "status": status, "written": written, "failed": failed}
+
+
+def _volume_summary(volume: dict[str, Any]) -> dict[str, Any]:
+    keys = ("path", "bytes", "instances", "label", "checksums", "thumbnails", "reports", "handoff", "handoff_error")
+    return {key: volume[key] for key in keys if key in volume}
+
+
+def _converted_for_profile(manifest: Manifest) -> dict[str, Any]:
+    """How many instances (and which files) were converted only because the profile forbids their syntax."""
+    converted = manifest.options.get("converted_for_profile") or []
+    summary = conversion_summary(manifest.options)
+    summary["files"] = [{"file": manifest.instances[c["index"]].source, "from": c["from"], "to": c["to"]}
+                        for c in converted]
+    return summary
 
 
 def _spool(job_id: str) -> JobSpool:

@@ -9,7 +9,6 @@ from typing import Any
 
 from celery import chord
 
-from tasks import transfer_syntax
 from tasks.dicom_header import NotDicomError, read_header
 from tasks.manifest import Manifest, ManifestBuilder
 from tasks.media_scan import MediaScan, scan_medium
@@ -51,13 +50,11 @@ def scan_folder(root: Path, builder: ManifestBuilder) -> None:
         instance.action = "copy" if header.part10 else "rewrite"
 
 
-def plan_conversions(manifest: Manifest, policy: str) -> list[int]:
-    """Mark what each instance needs under ``policy``; return the indices that need a transcode task."""
-    target = transfer_syntax.POLICIES[policy]
-    for instance in manifest.instances:
-        if target is not None and transfer_syntax.needs_conversion(instance.transfer_syntax, target):
-            instance.action, instance.target_syntax = "convert", target
-    return [i.index for i in manifest.instances if i.action != "copy"]
+def plan_conversions(manifest: Manifest, policy: str, profile: str | None = None, media: str = "cd") -> list[int]:
+    """Mark what each instance needs under ``policy`` within the media ``profile`` (None: ``auto``);
+    return the indices that need a transcode task. See tasks.profiles."""
+    from tasks.profiles import plan_profile_conversions
+    return plan_profile_conversions(manifest, policy, profile, media)[1]
 
 
 def scan_export(spool: JobSpool) -> tuple[Manifest, list[int]]:
@@ -74,7 +71,8 @@ def scan_export(spool: JobSpool) -> tuple[Manifest, list[int]]:
     manifest = builder.manifest
     if not manifest.instances:
         raise SourceError(f"no DICOM instances found in the source ({len(manifest.skipped)} files skipped)")
-    work = plan_conversions(manifest, request.get("syntax", "keep"))
+    from tasks.profiles import plan_export
+    work = plan_export(spool, builder, request)  # reports added, profile chosen, conversions planned
     spool.write("manifest.json", manifest.to_json())
     return manifest, work
 

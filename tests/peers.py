@@ -71,13 +71,13 @@ def _port_open(port: int) -> bool:
         return False
 
 
-def _stop(process: subprocess.Popen[bytes], *, group: bool = False) -> None:
+def _stop(process: subprocess.Popen[bytes], *, group: bool = False, graceful: bool = True) -> None:
     """Terminate ``process`` (and its process group when it forks children), then kill."""
     if process.poll() is not None:
         return
     send = (lambda sig: os.killpg(process.pid, sig)) if group else process.send_signal
     try:
-        send(signal.SIGTERM)
+        send(signal.SIGTERM if graceful else signal.SIGKILL)
         process.wait(timeout=10)
     except subprocess.TimeoutExpired:
         send(signal.SIGKILL)
@@ -126,8 +126,7 @@ class OrthancPeer:
 
     def upload(self, path: Path) -> dict[str, Any]:
         """POST a Part 10 file to /instances; Orthanc's answer (ID, Status, ...)."""
-        return self.rest(  # type: ignore[no-any-return]
-            "/instances", Path(path).read_bytes())
+        return self.rest("/instances", Path(path).read_bytes())  # type: ignore[no-any-return]
 
     def instance_uids(self) -> set[str]:
         """SOP Instance UIDs of every instance stored."""
@@ -136,13 +135,10 @@ class OrthancPeer:
 
     def lookup(self, sop_instance_uid: str) -> str | None:
         """Orthanc's instance id for a SOP Instance UID, or None."""
-        for match in self.rest_post_text("/tools/lookup", sop_instance_uid):
+        for match in json.loads(self.rest_bytes("/tools/lookup", sop_instance_uid.encode())):
             if match.get("Type") == "Instance":
                 return str(match["ID"])
         return None
-
-    def rest_post_text(self, path: str, text: str) -> Any:
-        return json.loads(self.rest_bytes(path, text.encode()))
 
     def file_bytes(self, orthanc_id: str) -> bytes:
         """The stored Part 10 file of an instance, byte for byte."""
@@ -158,8 +154,9 @@ class OrthancPeer:
     def log(self) -> str:
         return _log_tail(self.directory / "orthanc.log", lines=200)
 
-    def stop(self) -> None:
-        _stop(self.process)
+    def stop(self, graceful: bool = True) -> None:
+        """SIGTERM (Orthanc then takes ~3.5 s to stop) or, for throwaway peers, SIGKILL."""
+        _stop(self.process, graceful=graceful)
 
 
 def orthanc_config(directory: Path, dicom_port: int, http_port: int, discflow_port: int,
@@ -272,7 +269,7 @@ def orthanc_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callab
 
     yield start
     for peer in reversed(started):
-        peer.stop()
+        peer.stop(graceful=False)  # its tmp dir is thrown away; orthanc.log stays for debugging
 
 
 @pytest.fixture

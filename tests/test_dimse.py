@@ -5,6 +5,7 @@ import io
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -205,20 +206,40 @@ def test_retrieve_reports_a_series_the_pacs_does_not_have(orthanc: OrthancPeer, 
     assert all(failure.series_instance_uid == missing.series_instance_uid for failure in result.failures)
 
 
+def test_retrieve_from_a_pacs_that_is_down(tmp_path: Path) -> None:
+    node = Node("DOWN", "127.0.0.1", free_port())
+    series = [SeriesRef(generate_uid(), generate_uid()) for _ in range(3)]
+    result = dimse.retrieve_series(node, series, tmp_path, associations=2, retries=1, backoff=0.05, timeout=5)
+    assert result.instances == 0
+    assert sorted(f.series_instance_uid for f in result.failures) == sorted(s.series_instance_uid for s in series)
+    assert all("cannot connect to DOWN@127.0.0.1" in f.reason and "after 2 attempts" in f.reason
+               for f in result.failures)
+
+
+def plain_connection_open(event: object, *connected: threading.Event) -> None:
+    """dimse's EVT_CONN_OPEN handler without TCP_NODELAY/TCP_QUICKACK: pynetdicom as shipped."""
+    for flag in connected:
+        flag.set()
+
+
 def test_retrieve_timing_stock_vs_nodelay(orthanc_factory: Callable[..., OrthancPeer], study: Study,
-                                          tmp_path: Path) -> None:
+                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Print only: C-GET of 30 instances from stock / TCP_NODELAY Orthanc, our socket tuning on/off."""
     lines = []
     for nodelay in (False, True):
         peer = orthanc_factory(tcp_nodelay=nodelay)
         for path in study.files:
             peer.upload(path)
         found = dimse.find_instances(peer.node, patient_id=PATIENT_ID)
-        for associations in (1, 4):
-            result = dimse.retrieve_series(peer.node, found, tmp_path / f"{nodelay}-{associations}",
-                                           associations=associations)
+        for associations, ours in ((1, False), (1, True), (4, True)):
+            with monkeypatch.context() as patch:
+                if not ours:
+                    patch.setattr(dimse, "_on_connection_open", plain_connection_open)
+                result = dimse.retrieve_series(peer.node, found, tmp_path / f"{nodelay}-{associations}-{ours}",
+                                               associations=associations)
             assert result.ok and result.instances == 30
-            lines.append(f"Orthanc TCP_NODELAY={int(nodelay)} associations={associations}: "
-                         f"C-GET 30 instances in {result.seconds:.2f} s")
+            lines.append(f"Orthanc TCP_NODELAY={int(nodelay)} discflow low-latency={'on ' if ours else 'off'} "
+                         f"associations={associations}: C-GET 30 instances in {result.seconds:.2f} s")
     print("\n" + "\n".join(lines))
 
 
@@ -293,12 +314,14 @@ def test_store_to_storescp_over_parallel_associations(storescp_factory: Callable
         assert pixel_bytes(path) == pixel_bytes(original)
 
 
+@pytest.mark.filterwarnings("ignore:Expected implicit VR")
 def test_store_reports_unreadable_files_and_sends_the_rest(storescp: StoreScpPeer, study: Study,
                                                            tmp_path: Path) -> None:
     junk = tmp_path / "README.TXT"
     junk.write_text("not DICOM at all\n" * 20)
     outcomes = dimse.store_files(storescp.node, [junk, *study.files[:3]], mode="negotiate")
-    assert not outcomes[0].ok and outcomes[0].reason
+    assert not outcomes[0].ok and outcomes[0].status is None
+    assert "not a DICOM instance" in outcomes[0].reason or "cannot read" in outcomes[0].reason
     assert_all_ok(outcomes[1:])
 
 
@@ -339,18 +362,41 @@ def test_every_socket_has_tcp_nodelay(orthanc: OrthancPeer, study: Study, tmp_pa
     assert len(seen) >= 4 and all(seen)
 
 
+def test_tcp_nodelay_handler_serves_acceptors_too(study: Study) -> None:
+    """The same handler, bound on a pynetdicom server (a future C-MOVE destination)."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    seen: list[tuple[int, str]] = []
+
+    def on_store(event: evt.Event) -> int:
+        association_socket = event.assoc.dul.socket
+        seen.append((association_socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                     type(association_socket).__name__))
+        return 0x0000
+
+    ae = AE("DISCFLOW")
+    ae.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[dimse.TCP_NODELAY_HANDLER, (evt.EVT_C_STORE, on_store)])
+    try:
+        assert_all_ok(dimse.store_files(Node("DISCFLOW", "127.0.0.1", port), study.files[:2], associations=1))
+    finally:
+        server.shutdown()
+    assert seen == [(1, "_QuickAckSocket")] * 2
+
+
 def test_store_timing_200_instances(orthanc_factory: Callable[..., OrthancPeer], tmp_path: Path,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Print only: stock vs TCP_NODELAY Orthanc, 1 vs 4 associations, our low-latency socket on/off."""
     _, _, files = write_instances(tmp_path / "files", 200, patient_id="DF-TIMING")
-    plain_open = lambda event, *connected: [flag.set() for flag in connected]  # noqa: E731
     lines = []
-    for nodelay, associations, ours in ((False, 1, False), (False, 1, True), (False, 4, True),
-                                        (True, 1, True), (True, 4, True)):
+    for nodelay, associations, ours in ((False, 1, False), (False, 4, False), (False, 1, True), (False, 4, True),
+                                        (True, 1, False), (True, 1, True), (True, 4, True)):
         peer = orthanc_factory(tcp_nodelay=nodelay)
         with monkeypatch.context() as patch:
             if not ours:
-                patch.setattr(dimse, "_on_connection_open", plain_open)
+                patch.setattr(dimse, "_on_connection_open", plain_connection_open)
             started = time.perf_counter()
             outcomes = dimse.store_files(peer.node, files, mode="keep", associations=associations)
             seconds = time.perf_counter() - started

@@ -13,6 +13,9 @@ TASK_MODULES = ["tasks.scan", "tasks.transcode", "tasks.media", "tasks.store"]
 """Loaded by name when a worker starts (workers/ does not import tasks/)."""
 
 PRIORITY_LEVELS = 10
+PRIORITIES = {"urgent": 0, "normal": 5, "batch": 9}
+"""Redis transport priorities: kombu's Redis transport serves the LOWEST number first (0 before 9),
+the opposite of RabbitMQ. A job's every task carries its job's priority (workers.job_headers)."""
 
 
 def _route(name: str, args, kwargs, options, task=None, **kw) -> dict | None:
@@ -47,7 +50,7 @@ def create_app(broker_url: str | None = None) -> Celery:
             "queue_order_strategy": "priority",
             "priority_steps": list(range(PRIORITY_LEVELS)),
         },
-        task_default_priority=5,
+        task_default_priority=PRIORITIES["normal"],
         worker_hijack_root_logger=False,
         worker_max_tasks_per_child=2000,
     )

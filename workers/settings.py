@@ -24,6 +24,22 @@ class Settings(BaseSettings):
     spool_dir: Path = _default_home() / "spool"
     """Directory tree keyed by job id; every worker must mount it at the same path."""
     database_url: str | None = None
+    """The job ledger: a SQLAlchemy URL (postgresql://user@host/db). None: a SQLite file in data_dir."""
+    data_dir: Path | None = None
+    """Where the default SQLite ledger (ledger.sqlite3) lives; None: the spool's parent folder."""
+
+    api_token: str | None = None
+    """Bearer token the HTTP API requires (`discflow api` refuses to start without one)."""
+    api_host: str = "127.0.0.1"
+    api_port: int = 8700
+    flower_basic_auth: str | None = None
+    """user:password[,user2:password2] for Flower (`discflow flower` refuses to start without it)."""
+    flower_address: str = "127.0.0.1"
+    flower_port: int = 5555
+    audit_syslog: str | None = None
+    """Also send DICOM audit messages to syslog: udp://host:514, tcp://host:601 or unix:///dev/log."""
+    audit_source_id: str | None = None
+    """AuditSourceID in audit messages; None: this host's name."""
 
     batch_size: int = 25
     """Instances per transcode/store task (amortises per-task overhead)."""
@@ -42,6 +58,20 @@ class Settings(BaseSettings):
     """Usable bytes per volume (CD by default)."""
     volume_label: str = "DISCFLOW"
     institution_name: str = "discflow"
+
+    viewer_dir: Path | None = None
+    """Viewer bundle copied to VIEWER/ on every volume (with AUTORUN.INF); None: no viewer."""
+    viewer_start: str | None = None
+    """The viewer's start program, a path inside viewer_dir; default: its only top-level *.exe."""
+    burn_hot_folder: Path | None = None
+    """Disc-robot hot folder: each finished ISO volume is handed to the robot there."""
+    burn_robot: str = "primera"
+    """Which robot reads the hot folder: primera (PTBurn .JRQ) or epson (TD Bridge .JDF)."""
+    burn_robot_path: str | None = None
+    """The hot folder as the robot's PC sees it (e.g. C:\\PTBurnJobs); default: burn_hot_folder."""
+    burn_device: str | None = None
+    """Optical drive the CLI burns each volume to with xorriso (e.g. /dev/sr0)."""
+    burn_copies: int = 1
 
     max_pixels_per_instance: int = 2_000_000_000
     """Rows x Columns x Frames x Samples beyond this are refused (decompression bombs)."""

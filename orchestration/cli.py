@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from orchestration import console as terminal
-from orchestration.jobs import JobFailed, submit, wait
+from orchestration.jobs import JobCancelledError, JobFailed, submit, wait
 from orchestration.summary import EXPORT_STAGES, IMPORT_STAGES, job_summary
 from orchestration.listing import disc_listing
 from tasks.dimse import STORE_MODES, Node
@@ -21,7 +21,7 @@ from tasks.reconcile import RulesError, load_rules
 from tasks.scan import read_medium
 from tasks.spool import JobSpool
 from tasks.transfer_syntax import POLICIES
-from workers.app import STAGES, app, use_broker
+from workers.app import PRIORITIES, STAGES, app, use_broker
 from workers.embedded import EmbeddedBrokerError, EmbeddedRuntime
 from workers.settings import get_settings
 from workers.timing import read_timings
@@ -29,7 +29,7 @@ from workers.timing import read_timings
 cli = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Export studies to CD/DVD/USB media and import outside media, on Celery workers.")
 
-EXIT_CODES = {"succeeded": 0, "failed": 1, "partial": 3}
+EXIT_CODES = {"succeeded": 0, "failed": 1, "partial": 3, "cancelled": 4}
 
 
 class UsageError(Exception):
@@ -53,17 +53,44 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def run_job(kind: str, request: dict[str, Any], as_json: bool) -> dict[str, Any]:
+def run_job(kind: str, request: dict[str, Any], as_json: bool, priority: str = "normal") -> dict[str, Any]:
     """Submit one job, follow it with progress bars, return its summary with stage timings."""
-    stages = EXPORT_STAGES if kind == "export" else IMPORT_STAGES
     started = time.monotonic()
     with runtime():
-        job_id = submit(kind, request)
-        with terminal.job_progress(stages[1:], enabled=not as_json) as on_progress:
-            wait(job_id, on_progress)
-        timings = read_timings(app, job_id)
+        job_id = submit(kind, request, priority)
+        return follow(job_id, kind, as_json, started)
+
+
+def follow(job_id: str, kind: str, as_json: bool, started: float, run_id: str | None = None) -> dict[str, Any]:
+    """Wait for a submitted job (or one run of it) with progress bars; return its summary."""
+    stages = EXPORT_STAGES if kind == "export" else IMPORT_STAGES
+    with terminal.job_progress(stages[1:], enabled=not as_json) as on_progress:
+        wait(job_id, on_progress, task_id=run_id)
+    timings = read_timings(app, job_id)
     spool = JobSpool(get_settings().spool_dir, job_id)
     return job_summary(spool, timings, time.monotonic() - started, stages)
+
+
+def submit_or_run(kind: str, request: dict[str, Any], as_json: bool, priority: str, detach: bool, title: str) -> None:
+    """``--detach``: print the job id and return at once; otherwise run the job to the end and report."""
+    if priority not in PRIORITIES:
+        _fail(f"unknown --priority {priority!r}; choose one of {', '.join(PRIORITIES)}")
+    if detach:
+        if not get_settings().broker_url:
+            _fail("--detach needs workers that outlive this command: set DISCFLOW_BROKER_URL and run `discflow worker`")
+        job_id = submit(kind, request, priority)
+        typer.echo(json.dumps({"job_id": job_id, "status": "queued"}) if as_json else job_id)
+        raise typer.Exit(0)
+    try:
+        summary = run_job(kind, request, as_json, priority)
+    except JobCancelledError as error:
+        _fail(str(error), 4)
+    except (JobFailed, EmbeddedBrokerError) as error:
+        _fail(str(error), 1)
+    if kind == "export":
+        from orchestration.commands_media import burn_volumes
+        burn_volumes(summary, request.get("burn_device") or get_settings().burn_device, as_json)
+    _report(summary, as_json, title)
 
 
 def _report(summary: dict[str, Any], as_json: bool, title: str) -> None:
@@ -109,6 +136,8 @@ def export(
     robot: Annotated[Optional[str], typer.Option(help="Robot reading --hot-folder: primera (.JRQ) or epson (.JDF).")] = None,
     burn_device: Annotated[Optional[str], typer.Option(help="Burn each volume to this drive with xorriso and verify "
                                                             "({n}: volume number).")] = None,
+    priority: Annotated[str, typer.Option(help="urgent (a patient waits at the desk), normal or batch.")] = "normal",
+    detach: Annotated[bool, typer.Option(help="Print the job id and return; follow with `discflow status`.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary object.")] = False,
 ) -> None:
     """Export studies to ISO 9660 disc images with a DICOMDIR (IHE PDI layout).
@@ -124,23 +153,50 @@ def export(
         discflow export --source ./study --media usb --out /media/stick
 
         DISCFLOW_BROKER_URL=redis://127.0.0.1:6379/0 discflow export --source ./study --json
+
+        DISCFLOW_BROKER_URL=redis://127.0.0.1:6379/0 discflow export --source ./study --priority urgent --detach
     """
-    from orchestration.commands_media import burn_volumes, media_options
-    if syntax not in POLICIES:
-        _fail(f"unknown --syntax {syntax!r}; choose one of {', '.join(POLICIES)}")
     try:
-        request = {"source": _source(source, from_node, patient_id, study_uid, accession), "syntax": syntax,
-                   "out_dir": str(out.resolve()), "volume_capacity": volume_capacity, "batch_size": batch_size,
-                   **media_options(syntax, profile, media, report, viewer, hot_folder, robot, burn_device)}
+        request = export_request(source=source, from_node=from_node, patient_id=patient_id, study_uid=study_uid,
+                                 accession=accession, syntax=syntax, out=out, volume_capacity=volume_capacity,
+                                 batch_size=batch_size, profile=profile, media=media, report=report, viewer=viewer,
+                                 hot_folder=hot_folder, robot=robot, burn_device=burn_device)
     except (UsageError, ValueError) as error:
         _fail(str(error))
+    submit_or_run("export", request, as_json, priority, detach, "export")
+
+
+def export_request(*, source: Optional[Path] = None, from_node: Optional[str] = None, patient_id: Optional[str] = None,
+                   study_uid: list[str] = (), accession: Optional[str] = None, syntax: str = "keep",
+                   out: Path = Path("out"), volume_capacity: Optional[int] = None, batch_size: Optional[int] = None,
+                   profile: str = "auto", media: Optional[str] = None, report: Optional[Path] = None,
+                   viewer: Optional[Path] = None, hot_folder: Optional[Path] = None, robot: Optional[str] = None,
+                   burn_device: Optional[str] = None) -> dict[str, Any]:
+    """An export job's request, checked now so that a mistake fails before any work (UsageError, ValueError)."""
+    from orchestration.commands_media import media_options
+    if syntax not in POLICIES:
+        raise UsageError(f"unknown --syntax {syntax!r}; choose one of {', '.join(POLICIES)}")
+    request = {"source": _source(source, from_node, patient_id, list(study_uid), accession), "syntax": syntax,
+               "out_dir": str(out.resolve()), "volume_capacity": volume_capacity, "batch_size": batch_size,
+               "burn_device": burn_device,
+               **media_options(syntax, profile, media, report, viewer, hot_folder, robot, burn_device)}
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        summary = run_job("export", request, as_json)
-    except (JobFailed, EmbeddedBrokerError) as error:
-        _fail(str(error), 1)
-    burn_volumes(summary, burn_device or get_settings().burn_device, as_json)
-    _report(summary, as_json, "export")
+    return request
+
+
+def import_request(*, disc: Path, to: Optional[str], send: str = "negotiate", rules: Optional[Path] = None,
+                   study: list[str] = ()) -> dict[str, Any]:
+    """An import job's request, checked now (UsageError, ValueError, RulesError)."""
+    if not disc.exists():
+        raise UsageError(f"disc not found: {disc}")
+    if send not in STORE_MODES:
+        raise UsageError(f"unknown --send {send!r}; choose one of {', '.join(STORE_MODES)}")
+    if not to:
+        raise UsageError("--to AE@HOST:PORT is required (or use --list)")
+    Node.parse(to)
+    load_rules(rules)
+    return {"medium": str(disc.resolve()), "node": to, "send": send, "studies": list(study),
+            "rules": str(rules.resolve()) if rules else None}
 
 
 @cli.command("import")
@@ -151,6 +207,8 @@ def import_(
     rules: Annotated[Optional[Path], typer.Option(help="Reconciliation rules (TOML).")] = None,
     study: Annotated[list[str], typer.Option(help="Import only this Study Instance UID (repeatable).")] = [],
     list_only: Annotated[bool, typer.Option("--list", help="Only show what is on the disc.")] = False,
+    priority: Annotated[str, typer.Option(help="urgent, normal or batch.")] = "normal",
+    detach: Annotated[bool, typer.Option(help="Print the job id and return; follow with `discflow status`.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Import an outside disc into the local PACS; the disc is treated as untrusted.
@@ -168,22 +226,11 @@ def import_(
     if list_only:
         _list_disc(disc, as_json)
         return
-    if send not in STORE_MODES:
-        _fail(f"unknown --send {send!r}; choose one of {', '.join(STORE_MODES)}")
-    if not to:
-        _fail("--to AE@HOST:PORT is required (or use --list)")
     try:
-        Node.parse(to)
-        load_rules(rules)
-    except (ValueError, RulesError) as error:
+        request = import_request(disc=disc, to=to, send=send, rules=rules, study=study)
+    except (UsageError, ValueError, RulesError) as error:
         _fail(str(error))
-    request = {"medium": str(disc.resolve()), "node": to, "send": send, "studies": list(study),
-               "rules": str(rules.resolve()) if rules else None}
-    try:
-        summary = run_job("import", request, as_json)
-    except (JobFailed, EmbeddedBrokerError) as error:
-        _fail(str(error), 1)
-    _report(summary, as_json, "import")
+    submit_or_run("import", request, as_json, priority, detach, "import")
 
 
 def _list_disc(disc: Path, as_json: bool) -> None:
@@ -218,11 +265,7 @@ def demo(
         build_study(study, StudySpec(images=images))
     out.mkdir(parents=True, exist_ok=True)
     request = {"source": {"folder": str(study)}, "syntax": "keep", "out_dir": str(out.resolve())}
-    try:
-        summary = run_job("export", request, as_json)
-    except (JobFailed, EmbeddedBrokerError) as error:
-        _fail(str(error), 1)
-    _report(summary, as_json, "demo export")
+    submit_or_run("export", request, as_json, "normal", False, "demo export")
 
 
 @cli.command()
@@ -258,4 +301,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as `python -m orchestration.cli`: the sub-command modules registered themselves on the
+    # importable module's app, not on this __main__ copy.
+    from orchestration.cli import main as registered_main
+    sys.exit(registered_main())

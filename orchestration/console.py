@@ -73,3 +73,45 @@ def print_listing(listing: dict[str, Any]) -> None:
     for problem in listing["problems"]:
         colour = "red" if problem["severity"] == "error" else "yellow"
         out.print(f"[{colour}]{problem['severity']}[/{colour}] {problem['file']}: {problem['reason']}", highlight=False)
+
+
+def print_job_list(rows: list[dict[str, Any]]) -> None:
+    out = Console()
+    table = Table(title=f"{len(rows)} newest jobs")
+    for column in ("job", "kind", "status", "priority", "created", "instances", "progress", "s"):
+        table.add_column(column)
+    for row in rows:
+        counts = row["instances"]
+        table.add_row(row["job_id"], row["kind"], row["status"], row["priority"], row["created_at"][:19],
+                      f"{counts['ok']}/{counts['total']}" + (f" ({counts['failed']} failed)" if counts["failed"] else ""),
+                      _progress_text(row.get("progress")), str(row.get("seconds", "")))
+    out.print(table)
+
+
+def _progress_text(counters: dict[str, int] | None) -> str:
+    if not counters:
+        return ""
+    stages = sorted({key.split(":")[0] for key in counters})
+    return " ".join(f"{stage} {counters.get(f'{stage}:done', 0)}/{counters.get(f'{stage}:total', '?')}"
+                    for stage in stages)
+
+
+def print_job_status(summary: dict[str, Any]) -> None:
+    out = Console()
+    out.print(f"{summary['kind']} {summary['job_id']}: [bold]{summary['status']}[/bold] "
+              f"(priority {summary['priority']}, by {summary['submitted_by']}, run {summary['runs']})")
+    if summary.get("progress"):
+        out.print(f"progress: {_progress_text(summary['progress'])}")
+    if summary.get("error"):
+        out.print(f"[red]error[/red] {summary['error']}", highlight=False)
+    if summary.get("resumable") and summary["status"] != "succeeded":
+        out.print(f"resumable: discflow resume {summary['job_id']}")
+    if summary.get("stages"):
+        print_summary(summary, summary["kind"])
+
+
+def print_queue_wait(summary: dict[str, Any]) -> None:
+    out = Console()
+    for stage, row in summary["stages"].items():
+        out.print(f"{stage:>10}: queue wait {row['queue_wait_seconds']:.2f} s over {row['tasks']} tasks, "
+                  f"{row['instances_per_second']:.1f} instances/s, {row['mb_per_second']:.1f} MB/s")

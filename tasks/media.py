@@ -31,6 +31,7 @@ from tasks.volume_plan import Output, plan_volumes
 from tasks.web_content import build_web_content
 from workers import progress
 from workers.app import app
+from workers.job_control import ensure_not_cancelled
 from workers.settings import get_settings
 from workers.timing import stage_timer
 
@@ -244,6 +245,7 @@ def _spool(job_id: str) -> JobSpool:
 
 @app.task(bind=True, name="discflow.media.plan")
 def plan_media_task(self, _batches: list, job_id: str):
+    ensure_not_cancelled(self, job_id)
     spool = _spool(job_id)
     with stage_timer(self, job_id, "media"):
         volume_count = plan_media(spool)
@@ -256,6 +258,7 @@ def plan_media_task(self, _batches: list, job_id: str):
 
 @app.task(bind=True, name="discflow.media.assemble")
 def assemble_volume_task(self, job_id: str, number: int) -> dict[str, int]:
+    ensure_not_cancelled(self, job_id)
     with stage_timer(self, job_id, "media") as timing:
         result = assemble_volume(_spool(job_id), number)
         timing.count(result["instances"], result["bytes_in"], result["bytes"])

@@ -17,6 +17,7 @@ from tasks.reconcile import PatientLookup, load_rules, plan_instance_edits, plan
 from tasks.spool import JobSpool, write_json
 from workers import progress
 from workers.app import app
+from workers.job_control import ensure_not_cancelled
 from workers.settings import get_settings
 from workers.timing import stage_timer
 
@@ -79,19 +80,25 @@ def scan_export(spool: JobSpool) -> tuple[Manifest, list[int]]:
 
 @app.task(bind=True, name="discflow.scan.export")
 def scan_export_task(self, job_id: str):
-    from tasks.media import plan_media_task
-    from tasks.transcode import transcode_batch_task
-
+    ensure_not_cancelled(self, job_id)
     spool = JobSpool(get_settings().spool_dir, job_id)
     with stage_timer(self, job_id, "scan") as timing:
         manifest, work = scan_export(spool)
         timing.count(len(manifest.instances), manifest.source_bytes(), 0)
     batch_count = write_batches(spool, manifest, work)
     progress.set_total(self.app.conf.broker_url, job_id, "transcode", len(work))
+    return self.replace(export_canvas(job_id, batch_count))
+
+
+def export_canvas(job_id: str, batch_count: int):
+    """transcode[batch 1..n] -> plan-media (which fans out assemble-media per volume)."""
+    from tasks.media import plan_media_task
+    from tasks.transcode import transcode_batch_task
+
     if not batch_count:
-        return self.replace(plan_media_task.si([], job_id))
+        return plan_media_task.si([], job_id)
     header = [transcode_batch_task.si(job_id, number) for number in range(batch_count)]
-    return self.replace(chord(header, plan_media_task.s(job_id)))
+    return chord(header, plan_media_task.s(job_id))
 
 
 def write_batches(spool: JobSpool, manifest: Manifest, work: list[int], stage: str = "transcode") -> int:
@@ -150,10 +157,7 @@ def scan_import(spool: JobSpool) -> Manifest:
 
 @app.task(bind=True, name="discflow.scan.import")
 def scan_import_task(self, job_id: str):
-    from celery import chain
-    from tasks.store import finish_import_task, store_batch_task
-    from tasks.transcode import prepare_import_batch_task
-
+    ensure_not_cancelled(self, job_id)
     spool = JobSpool(get_settings().spool_dir, job_id)
     with stage_timer(self, job_id, "scan") as timing:
         manifest = scan_import(spool)
@@ -162,8 +166,32 @@ def scan_import_task(self, job_id: str):
     broker = self.app.conf.broker_url
     progress.set_total(broker, job_id, "transcode", len(manifest.instances))
     progress.set_total(broker, job_id, "store", len(manifest.instances))
+    return self.replace(import_canvas(job_id, batch_count))
+
+
+def import_canvas(job_id: str, batch_count: int):
+    """(prepare[batch] -> store[batch]) for each batch -> finish."""
+    from celery import chain
+    from tasks.store import finish_import_task, store_batch_task
+    from tasks.transcode import prepare_import_batch_task
+
     if not batch_count:
-        return self.replace(finish_import_task.si([], job_id))
+        return finish_import_task.si([], job_id)
     header = [chain(prepare_import_batch_task.si(job_id, n), store_batch_task.si(job_id, n))
               for n in range(batch_count)]
-    return self.replace(chord(header, finish_import_task.s(job_id)))
+    return chord(header, finish_import_task.s(job_id))
+
+
+@app.task(bind=True, name="discflow.scan.resume")
+def resume_job_task(self, job_id: str, kind: str):
+    """Run a job again from what its spool holds: finished batches are skipped, failed instances
+    redone; a job whose scan never finished is scanned again."""
+    ensure_not_cancelled(self, job_id)
+    spool = JobSpool(get_settings().spool_dir, job_id)
+    if not spool.manifest_path.exists():
+        return self.replace((scan_export_task if kind == "export" else scan_import_task).si(job_id))
+    stage = "transcode" if kind == "export" else "store"
+    batch_count = len(list((spool.path / "batches" / stage).glob("*.json")))
+    progress.restart(self.app.conf.broker_url, job_id)
+    build = export_canvas if kind == "export" else import_canvas
+    return self.replace(build(job_id, batch_count))

@@ -11,6 +11,7 @@ from tasks.manifest import Manifest
 from tasks.spool import JobSpool, read_json, write_json
 from workers import progress
 from workers.app import app
+from workers.job_control import ensure_not_cancelled
 from workers.settings import get_settings
 from workers.timing import stage_timer
 
@@ -87,6 +88,7 @@ def _spool(job_id: str) -> JobSpool:
 
 @app.task(bind=True, name="discflow.store.batch")
 def store_batch_task(self, job_id: str, number: int) -> dict[str, int]:
+    ensure_not_cancelled(self, job_id)
     with stage_timer(self, job_id, "store") as timing:
         results = store_batch(_spool(job_id), number)
         sent = sum(r.bytes for r in results if r.ok)

@@ -14,6 +14,7 @@ from tasks.reconcile import apply_edits
 from tasks.spool import JobSpool, atomic_writer, read_json, write_json
 from workers import progress
 from workers.app import app
+from workers.job_control import ensure_not_cancelled
 from workers.settings import get_settings
 from workers.timing import stage_timer
 
@@ -47,19 +48,27 @@ def transcode_instance(spool: JobSpool, instance: Instance) -> Outcome:
                    result.bytes_in, result.bytes_out)
 
 
-def transcode_batch(spool: JobSpool, number: int) -> list[Outcome]:
-    """Convert one batch; a finished batch (its outcome file exists) is not redone."""
-    outcome_path = spool.outcome_path("transcode", number)
-    if outcome_path.exists():
-        return [Outcome(**o) for o in read_json(outcome_path)]
-    instances = [Instance(**i) for i in read_json(spool.batch_path("transcode", number))]
-    outcomes = [transcode_instance(spool, instance) for instance in instances]
+def redo_failed(outcome_path: Path, instances: list[Instance], work) -> list[Outcome]:
+    """Run ``work`` on each instance that has no successful outcome yet (a rerun or a resume
+    redoes only what failed), and record the batch's outcomes atomically."""
+    previous = {o["index"]: Outcome(**o) for o in read_json(outcome_path)} if outcome_path.exists() else {}
+    if previous and all(o.ok for o in previous.values()):
+        return [previous[i.index] for i in instances]
+    outcomes = [previous[i.index] if i.index in previous and previous[i.index].ok else work(i) for i in instances]
     write_json(outcome_path, [asdict(o) for o in outcomes])
     return outcomes
 
 
+def transcode_batch(spool: JobSpool, number: int) -> list[Outcome]:
+    """Convert one batch; instances already converted (by an earlier run) are not redone."""
+    instances = [Instance(**i) for i in read_json(spool.batch_path("transcode", number))]
+    return redo_failed(spool.outcome_path("transcode", number), instances,
+                       lambda instance: transcode_instance(spool, instance))
+
+
 @app.task(bind=True, name="discflow.transcode.batch")
 def transcode_batch_task(self, job_id: str, number: int) -> dict[str, int]:
+    ensure_not_cancelled(self, job_id)
     settings = get_settings()
     spool = JobSpool(settings.spool_dir, job_id)
     with stage_timer(self, job_id, "transcode") as timing:
@@ -108,20 +117,21 @@ def prepare_import_instance(medium: Medium, spool: JobSpool, instance: Instance,
 
 
 def prepare_import_batch(spool: JobSpool, number: int) -> list[Outcome]:
+    """Extract (and reconcile, convert) one batch; instances already prepared are not redone."""
     outcome_path = spool.outcome_path("transcode", number)
-    if outcome_path.exists():
+    instances = [Instance(**i) for i in read_json(spool.batch_path("store", number))]
+    if outcome_path.exists() and all(o["ok"] for o in read_json(outcome_path)):
         return [Outcome(**o) for o in read_json(outcome_path)]
     request = read_json(spool.path / "request.json")
-    instances = [Instance(**i) for i in read_json(spool.batch_path("store", number))]
+    send, reason = request.get("send", "negotiate"), request.get("reason", "COERCE")
     with open_medium(Path(request["medium"])) as medium:
-        outcomes = [prepare_import_instance(medium, spool, i, request.get("send", "negotiate"),
-                                            request.get("reason", "COERCE")) for i in instances]
-    write_json(outcome_path, [asdict(o) for o in outcomes])
-    return outcomes
+        return redo_failed(outcome_path, instances,
+                           lambda instance: prepare_import_instance(medium, spool, instance, send, reason))
 
 
 @app.task(bind=True, name="discflow.transcode.prepare_import")
 def prepare_import_batch_task(self, job_id: str, number: int) -> dict[str, int]:
+    ensure_not_cancelled(self, job_id)
     spool = JobSpool(get_settings().spool_dir, job_id)
     with stage_timer(self, job_id, "transcode") as timing:
         outcomes = prepare_import_batch(spool, number)

@@ -11,11 +11,13 @@ STAGES = ("scan", "transcode", "media", "store")
 
 TASK_MODULES = ["tasks.scan", "tasks.transcode", "tasks.media", "tasks.store"]
 """Loaded by name when a worker starts (workers/ does not import tasks/)."""
+WORKER_HOOK_MODULES = ["orchestration.worker_ledger"]
+"""Also loaded by name in workers: they, not the client, record timings and outcomes in the job ledger."""
 
 PRIORITY_LEVELS = 10
 PRIORITIES = {"urgent": 0, "normal": 5, "batch": 9}
 """Redis transport priorities: kombu's Redis transport serves the LOWEST number first (0 before 9),
-the opposite of RabbitMQ. A job's every task carries its job's priority (workers.job_headers)."""
+the opposite of RabbitMQ. A job's every task inherits the priority its first task was sent with."""
 
 
 def _route(name: str, args, kwargs, options, task=None, **kw) -> dict | None:
@@ -26,7 +28,7 @@ def _route(name: str, args, kwargs, options, task=None, **kw) -> dict | None:
 def create_app(broker_url: str | None = None) -> Celery:
     settings = get_settings()
     url = broker_url or settings.broker_url or "redis://127.0.0.1:6379/0"
-    celery_app = Celery("discflow", broker=url, backend=url, include=TASK_MODULES)
+    celery_app = Celery("discflow", broker=url, backend=url, include=TASK_MODULES + WORKER_HOOK_MODULES)
     celery_app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -51,6 +53,7 @@ def create_app(broker_url: str | None = None) -> Celery:
             "priority_steps": list(range(PRIORITY_LEVELS)),
         },
         task_default_priority=PRIORITIES["normal"],
+        task_inherit_parent_priority=True,  # a job's every task (canvas, chord body) keeps its priority
         worker_hijack_root_logger=False,
         worker_max_tasks_per_child=2000,
     )

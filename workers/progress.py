@@ -18,3 +18,12 @@ def advance(broker_url: str, job_id: str, stage: str, done: int = 1) -> None:
 def read(broker_url: str, job_id: str) -> dict[str, int]:
     raw = redis_client(broker_url).hgetall(redis_keys.job_progress(job_id))
     return {key.decode(): int(value) for key, value in raw.items()}
+
+
+def restart(broker_url: str, job_id: str) -> None:
+    """Zero the done-counters (totals stay) before a resumed run counts again."""
+    client = redis_client(broker_url)
+    key = redis_keys.job_progress(job_id)
+    done = [field for field in client.hkeys(key) if field.endswith(b":done")]
+    if done:
+        client.hdel(key, *done)

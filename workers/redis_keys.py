@@ -15,4 +15,5 @@ def job_progress(job_id: str) -> str:
 
 
 def job_cancelled(job_id: str) -> str:
+    """Set when an operator cancels the job; every task of the job checks it first."""
     return f"{PREFIX}:job:{job_id}:cancelled"

@@ -26,6 +26,8 @@ class TaskTiming:
     stage: str
     task_id: str
     started: float
+    name: str = ""
+    worker: str = ""
     finished: float = 0.0
     queue_wait: float = 0.0
     instances: int = 0
@@ -71,8 +73,9 @@ def stage_timer(task, job_id: str, stage: str) -> Iterator[TaskTiming]:
     """Time one task run; the body adds instance and byte counts to the yielded record."""
     started = time.time()
     published = _published_at(task)
-    task_id = getattr(getattr(task, "request", None), "id", None) or ""
-    record = TaskTiming(job_id=job_id, stage=stage, task_id=task_id, started=started,
+    request = getattr(task, "request", None)
+    record = TaskTiming(job_id=job_id, stage=stage, task_id=getattr(request, "id", None) or "", started=started,
+                        name=getattr(task, "name", "") or "", worker=getattr(request, "hostname", None) or "",
                         queue_wait=max(0.0, started - published) if published else 0.0)
     try:
         yield record
@@ -94,4 +97,6 @@ def _emit(task, record: TaskTiming) -> None:
 
 def read_timings(app, job_id: str) -> list[TaskTiming]:
     raw = redis_client(app.conf.broker_url).lrange(redis_keys.job_timings(job_id), 0, -1)
-    return [TaskTiming(**json.loads(item)) for item in raw]
+    records = [TaskTiming(**json.loads(item)) for item in raw]
+    # A redelivered task (at-least-once) reports twice: its last run counts.
+    return list({(r.task_id, r.name): r for r in records}.values())

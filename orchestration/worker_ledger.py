@@ -1,0 +1,68 @@
+"""Loaded by every worker (Celery ``include``): the workers, not the client, write the job ledger.
+
+- each task's timing record (queue wait, run time, bytes) becomes a ``task_runs`` row;
+- the first task that starts marks the job running;
+- the job's last task (``*.finish``) records the outcome, per-instance results and audit events
+  (from its timing record, so before the task's result is visible to the client);
+- a task that fails outright marks the job failed and resumable.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import asdict
+from typing import Any
+
+from celery.signals import task_failure, task_prerun
+
+from orchestration.job_outcome import record_finished_job
+from orchestration.ledger import Ledger
+from workers.job_control import JobCancelled
+from workers.timing import TaskTiming, add_sink
+
+logger = logging.getLogger(__name__)
+FINISH_TASKS = ("discflow.media.finish", "discflow.store.finish")
+
+
+def _job_id(task, args: tuple, kwargs: dict) -> str | None:
+    """Every discflow task takes a ``job_id`` parameter, positional or not."""
+    if not getattr(task, "name", "").startswith("discflow."):
+        return None
+    try:
+        return inspect.signature(task.run).bind(*args, **kwargs).arguments.get("job_id")
+    except TypeError:
+        return None
+
+
+def record_timing(record: TaskTiming) -> None:
+    """Called inside the task, before its result is stored: a client that sees the job's last
+    task finish finds the ledger already up to date."""
+    row = asdict(record)
+    row.pop("extra", None)
+    _safely(Ledger().record_task, row)
+    if record.name in FINISH_TASKS:
+        _safely(record_finished_job, Ledger(), record.job_id)
+
+
+@task_prerun.connect
+def _job_started(sender=None, args=(), kwargs=None, **_: Any) -> None:
+    job_id = _job_id(sender, args or (), kwargs or {})
+    if job_id:
+        _safely(Ledger().mark_running, job_id)
+
+
+@task_failure.connect
+def _job_failed(sender=None, args=(), kwargs=None, exception=None, **_: Any) -> None:
+    job_id = _job_id(sender, args or (), kwargs or {})
+    if job_id and not isinstance(exception, JobCancelled):
+        _safely(Ledger().fail_job, job_id, f"{sender.name}: {type(exception).__name__}: {exception}")
+
+
+def _safely(function, *args: Any) -> None:
+    try:
+        function(*args)
+    except Exception:  # noqa: BLE001 — the ledger must never fail the work itself
+        logger.exception("ledger: %s failed", getattr(function, "__name__", function))
+
+
+add_sink(record_timing)

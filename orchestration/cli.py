@@ -293,7 +293,7 @@ def worker(
 
 
 # Sub-commands kept in their own modules register themselves on `cli` when imported.
-from orchestration import commands_bench, commands_jobs, commands_media, commands_ops  # noqa: E402,F401
+from orchestration import commands_bench, commands_jobs, commands_media, commands_ops, commands_service  # noqa: E402,F401
 
 
 def main() -> None:

@@ -36,16 +36,27 @@ class UsageError(Exception):
     pass
 
 
+_embedded: EmbeddedRuntime | None = None
+"""The embedded default of this command, while it runs (its workers are health-checked while waiting)."""
+
+
 @contextmanager
 def runtime(concurrency: int = 0) -> Iterator[None]:
     """Use the configured Redis and its workers, or start the embedded default for this command."""
+    global _embedded
     settings = get_settings()
     if settings.broker_url:
         yield
         return
-    with EmbeddedRuntime(concurrency or settings.worker_concurrency) as embedded:
+    log_dir = Path(settings.spool_dir).parent / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with EmbeddedRuntime(concurrency or settings.worker_concurrency, log_dir=log_dir) as embedded:
         use_broker(embedded.url)
-        yield
+        _embedded = embedded
+        try:
+            yield
+        finally:
+            _embedded = None
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -65,7 +76,7 @@ def follow(job_id: str, kind: str, as_json: bool, started: float, run_id: str | 
     """Wait for a submitted job (or one run of it) with progress bars; return its summary."""
     stages = EXPORT_STAGES if kind == "export" else IMPORT_STAGES
     with terminal.job_progress(stages[1:], enabled=not as_json) as on_progress:
-        wait(job_id, on_progress, task_id=run_id)
+        wait(job_id, on_progress, task_id=run_id, health_check=_embedded.assert_alive if _embedded else None)
     timings = read_timings(app, job_id)
     spool = JobSpool(get_settings().spool_dir, job_id)
     return job_summary(spool, timings, time.monotonic() - started, stages)

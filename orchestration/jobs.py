@@ -63,10 +63,12 @@ def submit_import(request: dict[str, Any], priority: str = "normal") -> str:
 
 
 def wait(job_id: str, on_progress: ProgressCallback | None = None, timeout: float | None = None,
-         poll_seconds: float = 0.05, task_id: str | None = None) -> dict[str, Any]:
+         poll_seconds: float = 0.05, task_id: str | None = None,
+         health_check: Callable[[], None] | None = None) -> dict[str, Any]:
     """Block until the job's last task has finished; return its (counts-only) result.
 
-    ``task_id`` names the run to follow when it is not the first (``resume`` starts a new one).
+    ``task_id`` names the run to follow when it is not the first (``resume`` starts a new one);
+    ``health_check`` raises when the workers this client started have died.
     """
     result = AsyncResult(task_id or job_id, app=app)
     limit = timeout or get_settings().job_timeout_seconds
@@ -76,6 +78,8 @@ def wait(job_id: str, on_progress: ProgressCallback | None = None, timeout: floa
             raise JobFailed(f"job {job_id} did not finish within {limit:.0f} s")
         if on_progress:
             on_progress(progress.read(app.conf.broker_url, job_id))
+        if health_check:
+            health_check()
         time.sleep(poll_seconds)
     if result.failed():
         raise _failure(job_id, result.result)

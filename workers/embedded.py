@@ -109,6 +109,13 @@ class LocalWorkers:
                                                    env=env, stdout=log, stderr=subprocess.STDOUT))
         return self
 
+    def assert_alive(self) -> None:
+        """Raise when a worker exited: a client waiting for its job would otherwise wait in vain."""
+        for process in self.processes:
+            if process.poll() is not None:
+                where = f"; its log is in {self.log_dir}" if self.log_dir else ""
+                raise EmbeddedBrokerError(f"a local worker exited with status {process.returncode}{where}")
+
     def stop(self, timeout: float = 20) -> None:
         for process in self.processes:
             if process.poll() is None:
@@ -139,6 +146,12 @@ class EmbeddedRuntime:
     @property
     def url(self) -> str:
         return self.redis.url
+
+    def assert_alive(self) -> None:
+        if self.redis._process is not None and self.redis._process.poll() is not None:
+            raise EmbeddedBrokerError("the embedded redis-server exited")
+        if self.workers:
+            self.workers.assert_alive()
 
     def __exit__(self, *exc_info: object) -> None:
         if self.workers:

@@ -6,6 +6,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from orchestration import audit
 from orchestration.ledger import Ledger
 from tasks.manifest import Manifest
 from tasks.spool import JobSpool, read_json
@@ -60,12 +61,8 @@ def _mark_unwritten(spool: JobSpool, manifest: Manifest, rows: dict[int, dict[st
 
 def record_audit(ledger: Ledger, manifest: Manifest, summary: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     """PS3.15 audit messages for the job; also to syslog when DISCFLOW_AUDIT_SYSLOG is set."""
-    try:
-        from orchestration import audit
-    except ImportError:  # pragma: no cover — the audit module ships with the ledger
-        return
     settings = get_settings()
-    for event_code, message in audit_messages(audit, manifest, summary, rows):
+    for event_code, message in audit_messages(manifest, summary, rows):
         ledger.record_audit(manifest.job_id, event_code, audit.outcome_code(summary["status"]), message)
         if settings.audit_syslog:
             try:
@@ -74,10 +71,10 @@ def record_audit(ledger: Ledger, manifest: Manifest, summary: dict[str, Any], ro
                 logger.warning("audit: syslog %s unreachable: %s", settings.audit_syslog, error)
 
 
-def audit_messages(audit, manifest: Manifest, summary: dict[str, Any], rows: list[dict[str, Any]]
+def audit_messages(manifest: Manifest, summary: dict[str, Any], rows: list[dict[str, Any]]
                    ) -> list[tuple[str, str]]:
     settings = get_settings()
-    studies = audit_studies(audit, manifest, rows)
+    studies = audit_studies(manifest, rows)
     outcome = audit.outcome_code(summary["status"])
     common = dict(outcome=outcome, user=settings.ae_title, source_id=settings.audit_source_id or socket.gethostname())
     if manifest.kind == "export":
@@ -88,9 +85,13 @@ def audit_messages(audit, manifest: Manifest, summary: dict[str, Any], rows: lis
     ae, _, host = node.partition("@")
     label = str(manifest.options.get("medium", ""))
     media = manifest.options.get("media_type") or _medium_kind(Path(label))
-    return [("110107", audit.import_message(studies, media=media, source_media_label=label, **common)),
-            ("110104", audit.instances_transferred_message(studies, action="R", source_ae=settings.ae_title,
-                                                           destination_ae=ae, destination_host=host, **common))]
+    by_patient: dict[str, list[audit.AuditStudy]] = {}
+    for study in studies:  # DICOM Instances Transferred names one patient per message
+        by_patient.setdefault(study.patient_id, []).append(study)
+    return [("110107", audit.import_message(studies, media=media, source_media_label=label, **common))] + [
+        ("110104", audit.instances_transferred_message(group, action="R", source_ae=settings.ae_title,
+                                                       destination_ae=ae, destination_host=host, **common))
+        for group in by_patient.values()]
 
 
 def _medium_kind(medium: Path) -> str:
@@ -103,8 +104,9 @@ def _medium_kind(medium: Path) -> str:
         return "cd"
 
 
-def audit_studies(audit, manifest: Manifest, rows: list[dict[str, Any]]) -> list[Any]:
-    ok = {row["index"] for row in rows if row["ok"]}
+def audit_studies(manifest: Manifest, rows: list[dict[str, Any]]) -> list[audit.AuditStudy]:
+    # The instances that made it; when none did, the ones attempted (a failure is audited too).
+    ok = {row["index"] for row in rows if row["ok"]} or {row["index"] for row in rows}
     studies: dict[int, Any] = {}
     for instance in manifest.instances:
         if instance.index not in ok:

@@ -147,3 +147,52 @@ def test_an_urgent_job_overtakes_the_nightly_batch(one_worker, small_study, tmp_
     after = sum(1 for moment in finished if moment > urgent_done)
     print(f"urgent job finished before {after} of 20 batch jobs")
     assert after >= 15
+
+
+def _storescp(port: int, folder: Path) -> subprocess.Popen:
+    folder.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(["storescp", "--aetitle", "PACS", "--output-directory", str(folder), "--accept-all",
+                                "--bit-preserving", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    import socket
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return process
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("storescp did not start")
+
+
+def test_import_into_a_pacs_that_is_down_then_resume_when_it_is_back(system_cluster, small_study, tmp_path,
+                                                                   monkeypatch):
+    from conftest import require_tools
+    from peers import free_port
+    require_tools("storescp")
+    exported = submit("export", {"source": {"folder": str(small_study)}, "syntax": "keep",
+                                 "out_dir": str(tmp_path / "disc")})
+    wait(exported, timeout=120)
+    port = free_port()  # nothing listens here yet: the PACS is down
+    job_id = submit("import", {"medium": str(tmp_path / "disc" / "VOL001.ISO"), "node": f"PACS@127.0.0.1:{port}",
+                               "send": "keep", "studies": [], "rules": None})
+    wait(job_id, timeout=180)
+    ledger = Ledger()
+    job = ledger.job(job_id)
+    assert (job.state, job.instances_ok, job.instances_failed, job.resumable) == ("failed", 0, 6, True)
+    assert all("refused" in o.reason or "connect" in o.reason.lower() or o.reason for o in ledger.outcomes(job_id))
+
+    pacs = _storescp(port, tmp_path / "pacs")
+    try:
+        run_id = resume(job_id)
+        wait(job_id, timeout=180, task_id=run_id)
+    finally:
+        pacs.terminate()
+        pacs.wait(10)
+    job = ledger.job(job_id)
+    assert (job.state, job.instances_ok, job.instances_failed) == ("succeeded", 6, 0)
+    outcomes = ledger.outcomes(job_id)
+    assert [o.dimse_status for o in outcomes] == [0] * 6 and all(o.ok for o in outcomes)
+    received = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in (tmp_path / "pacs").iterdir()}
+    assert received == {o.sop_instance_uid for o in outcomes}
+    codes = sorted(event.event_code for event in ledger.audit_events(job_id))
+    assert codes == ["110104", "110104", "110107", "110107"]  # one pair per run: the failed one, then the resumed one

@@ -196,3 +196,38 @@ def test_import_into_a_pacs_that_is_down_then_resume_when_it_is_back(system_clus
     assert received == {o.sop_instance_uid for o in outcomes}
     codes = sorted(event.event_code for event in ledger.audit_events(job_id))
     assert codes == ["110104", "110104", "110107", "110107"]  # one pair per run: the failed one, then the resumed one
+
+
+@pytest.fixture
+def workers_per_queue(spool, tmp_path):
+    """Two worker processes on different queues, as a department scales them: CPU-heavy apart."""
+    import redis
+    from workers.app import use_broker
+    from workers.embedded import LocalWorkers
+    try:
+        redis.Redis.from_url(SYSTEM_REDIS, socket_connect_timeout=1).ping()
+    except redis.ConnectionError:
+        pytest.skip(f"no Redis at {SYSTEM_REDIS}")
+    url, claim = _claim_database(SYSTEM_REDIS)
+    use_broker(url)
+    groups = [LocalWorkers(url, 1, log_dir=tmp_path, queues=("scan", "media"), label="scanmedia").start(),
+              LocalWorkers(url, 2, log_dir=tmp_path, queues=("transcode", "store"), label="transcode").start()]
+    try:
+        yield url
+    finally:
+        for group in groups:
+            group.stop()
+        claim.flushdb()
+
+
+def test_workers_on_different_queues_share_a_job(workers_per_queue, small_study, tmp_path):
+    job_id = submit("export", {"source": {"folder": str(small_study)}, "syntax": "jpeg-lossless",
+                               "out_dir": str(tmp_path / "out"), "batch_size": 2})
+    wait(job_id, timeout=120)
+    runs = Ledger().task_runs(job_id)
+    workers_by_stage = {}
+    for run in runs:
+        workers_by_stage.setdefault(run.stage, set()).add(run.worker.split("-")[0])
+    assert workers_by_stage == {"scan": {"scanmedia0"}, "transcode": {"transcode0"}, "media": {"scanmedia0"}}
+    assert sum(run.instances for run in runs if run.stage == "transcode") == 6
+    assert Ledger().job(job_id).state == "succeeded"

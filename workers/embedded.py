@@ -93,19 +93,22 @@ def worker_command(queues: tuple[str, ...] = STAGES, concurrency: int = 0, name:
 class LocalWorkers:
     """Worker processes on this host, started with the given broker and stopped gracefully."""
 
-    def __init__(self, broker_url: str, concurrency: int = 0, count: int = 1, log_dir: Path | None = None) -> None:
+    def __init__(self, broker_url: str, concurrency: int = 0, count: int = 1, log_dir: Path | None = None,
+                 queues: tuple[str, ...] = STAGES, label: str = "embedded") -> None:
         self.broker_url = broker_url
         self.concurrency = concurrency or (os.cpu_count() or 2)
         self.count = count
         self.log_dir = log_dir
+        self.queues = queues
+        self.label = label
         self.processes: list[subprocess.Popen] = []
 
     def start(self) -> "LocalWorkers":
         env = dict(os.environ, DISCFLOW_BROKER_URL=self.broker_url)
         for n in range(self.count):
-            log = open(self.log_dir / f"worker{n}.log", "ab") if self.log_dir else subprocess.DEVNULL
-            name = f"embedded{n}-{os.getpid()}@%h"
-            self.processes.append(subprocess.Popen(worker_command(concurrency=self.concurrency, name=name),
+            log = open(self.log_dir / f"{self.label}{n}.log", "ab") if self.log_dir else subprocess.DEVNULL
+            name = f"{self.label}{n}-{os.getpid()}@%h"
+            self.processes.append(subprocess.Popen(worker_command(self.queues, self.concurrency, name),
                                                    env=env, stdout=log, stderr=subprocess.STDOUT))
         return self
 

@@ -247,6 +247,7 @@ def _spool(job_id: str) -> JobSpool:
 def plan_media_task(self, _batches: list, job_id: str):
     ensure_not_cancelled(self, job_id)
     spool = _spool(job_id)
+    wait_for_batches(self, spool, "transcode")
     with stage_timer(self, job_id, "media"):
         volume_count = plan_media(spool)
     if not volume_count:
@@ -254,6 +255,15 @@ def plan_media_task(self, _batches: list, job_id: str):
     progress.set_total(self.app.conf.broker_url, job_id, "media", volume_count)
     header = [assemble_volume_task.si(job_id, n) for n in range(1, volume_count + 1)]
     return self.replace(chord(header, finish_export_task.s(job_id)))
+
+
+def wait_for_batches(task, spool: JobSpool, stage: str, outcome_stage: str | None = None) -> None:
+    """A chord body may be released early when a header task ran twice (at-least-once delivery
+    counts both runs): come back until every batch's outcome is in the spool."""
+    missing = spool.unfinished_batches(stage, outcome_stage)
+    if missing:
+        raise task.retry(countdown=2, max_retries=900, exc=RuntimeError(
+            f"batch(es) {', '.join(map(str, missing[:10]))} of the {outcome_stage or stage} stage never finished"))
 
 
 @app.task(bind=True, name="discflow.media.assemble")

@@ -97,6 +97,11 @@ class JobSpool:
             return []
         return [read_json(p) for p in sorted(folder.glob("*.json"))]
 
+    def unfinished_batches(self, stage: str, outcome_stage: str | None = None) -> list[int]:
+        """Batches of ``stage`` whose outcome file (of ``outcome_stage``, default the same) is missing."""
+        planned = sorted(int(p.stem) for p in (self.path / "batches" / stage).glob("*.json"))
+        return [n for n in planned if not self.outcome_path(outcome_stage or stage, n).exists()]
+
     def write(self, relative: str, value: Any) -> Path:
         path = self.path / relative
         write_json(path, value)

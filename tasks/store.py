@@ -99,5 +99,7 @@ def store_batch_task(self, job_id: str, number: int) -> dict[str, int]:
 
 @app.task(bind=True, name="discflow.store.finish")
 def finish_import_task(self, _batches: list, job_id: str) -> dict[str, Any]:
+    from tasks.media import wait_for_batches
+    wait_for_batches(self, _spool(job_id), "store")
     with stage_timer(self, job_id, "store"):
         return finish_import(_spool(job_id))

@@ -75,14 +75,20 @@ def _claim_database(server: str) -> tuple[str, redis.Redis]:
 
 
 @pytest.fixture
-def system_cluster(spool: Path, tmp_path: Path) -> Iterator[str]:
-    """The machine's own Redis with two worker processes, as a department would run it."""
+def system_redis(spool: Path) -> Iterator[str]:
+    """A database of the machine's own Redis that no other test session uses, emptied afterwards."""
     try:
         redis.Redis.from_url(SYSTEM_REDIS, socket_connect_timeout=1).ping()
     except redis.ConnectionError:
         pytest.skip(f"no Redis at {SYSTEM_REDIS} (bash .ci/run starts one)")
     url, claim = _claim_database(SYSTEM_REDIS)
     try:
-        yield from _cluster(url, count=2, concurrency=1, log_dir=tmp_path)
+        yield url
     finally:
         claim.flushdb()
+
+
+@pytest.fixture
+def system_cluster(system_redis: str, tmp_path: Path) -> Iterator[str]:
+    """The machine's own Redis with two worker processes, as a department would run it."""
+    yield from _cluster(system_redis, count=2, concurrency=1, log_dir=tmp_path)

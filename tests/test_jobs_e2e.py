@@ -12,7 +12,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from conftest import _claim_database, _cluster, SYSTEM_REDIS
+from conftest import _cluster
 from disc_checks import directory_leaves, xorriso_extract
 from orchestration.corpus import StudySpec, build_study
 from orchestration.jobs import JobCancelledError, cancel, resume, submit, wait
@@ -121,18 +121,9 @@ def test_batch_file_submits_every_row_and_refuses_a_bad_one(system_cluster, smal
 
 
 @pytest.fixture
-def one_worker(spool, tmp_path):
+def one_worker(system_redis, tmp_path):
     """One worker process with one slot: jobs can only overtake each other by priority."""
-    import redis
-    try:
-        redis.Redis.from_url(SYSTEM_REDIS, socket_connect_timeout=1).ping()
-    except redis.ConnectionError:
-        pytest.skip(f"no Redis at {SYSTEM_REDIS}")
-    url, claim = _claim_database(SYSTEM_REDIS)
-    try:
-        yield from _cluster(url, count=1, concurrency=1, log_dir=tmp_path)
-    finally:
-        claim.flushdb()
+    yield from _cluster(system_redis, count=1, concurrency=1, log_dir=tmp_path)
 
 
 def test_an_urgent_job_overtakes_the_nightly_batch(one_worker, small_study, tmp_path):
@@ -199,25 +190,18 @@ def test_import_into_a_pacs_that_is_down_then_resume_when_it_is_back(system_clus
 
 
 @pytest.fixture
-def workers_per_queue(spool, tmp_path):
+def workers_per_queue(system_redis, tmp_path):
     """Two worker processes on different queues, as a department scales them: CPU-heavy apart."""
-    import redis
     from workers.app import use_broker
     from workers.embedded import LocalWorkers
+    use_broker(system_redis)
+    groups = [LocalWorkers(system_redis, 1, log_dir=tmp_path, queues=("scan", "media"), label="scanmedia").start(),
+              LocalWorkers(system_redis, 2, log_dir=tmp_path, queues=("transcode", "store"), label="transcode").start()]
     try:
-        redis.Redis.from_url(SYSTEM_REDIS, socket_connect_timeout=1).ping()
-    except redis.ConnectionError:
-        pytest.skip(f"no Redis at {SYSTEM_REDIS}")
-    url, claim = _claim_database(SYSTEM_REDIS)
-    use_broker(url)
-    groups = [LocalWorkers(url, 1, log_dir=tmp_path, queues=("scan", "media"), label="scanmedia").start(),
-              LocalWorkers(url, 2, log_dir=tmp_path, queues=("transcode", "store"), label="transcode").start()]
-    try:
-        yield url
+        yield system_redis
     finally:
         for group in groups:
             group.stop()
-        claim.flushdb()
 
 
 def test_workers_on_different_queues_share_a_job(workers_per_queue, small_study, tmp_path):

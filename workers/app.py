@@ -47,8 +47,7 @@ def create_app(broker_url: str | None = None) -> Celery:
         task_send_sent_event=True,
         broker_connection_retry_on_startup=True,
         broker_transport_options={
-            # A task running longer than this is redelivered: keep it above the longest batch.
-            "visibility_timeout": 3600,
+            "visibility_timeout": settings.visibility_timeout_seconds,
             "queue_order_strategy": "priority",
             "priority_steps": list(range(PRIORITY_LEVELS)),
         },

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     worker_concurrency: int = 0
     """Processes per embedded worker; 0 means one per CPU."""
     job_timeout_seconds: float = 3600.0
+    visibility_timeout_seconds: int = 3600
+    """A task whose worker vanished (SIGKILL, power loss) is handed to another worker after this long;
+    keep it above the longest batch."""
     result_expires_seconds: int = 86400
 
     ae_title: str = "DISCFLOW"

@@ -48,6 +48,9 @@ def create_app(broker_url: str | None = None) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout_seconds,
+            # Look for messages of vanished workers every 5 s (kombu's default is ~100 s).
+            "unacked_restore_interval": 5,
+            "unacked_restore_throttle": 1,
             "queue_order_strategy": "priority",
             "priority_steps": list(range(PRIORITY_LEVELS)),
         },

@@ -46,9 +46,10 @@ class Settings(BaseSettings):
     worker_concurrency: int = 0
     """Processes per embedded worker; 0 means one per CPU."""
     job_timeout_seconds: float = 3600.0
-    visibility_timeout_seconds: int = 3600
-    """A task whose worker vanished (SIGKILL, power loss) is handed to another worker after this long;
-    keep it above the longest batch."""
+    visibility_timeout_seconds: int = 600
+    """A task whose worker vanished (SIGKILL, power loss) is handed to another worker after this long.
+    A batch still running then is run a second time elsewhere (harmless: tasks are idempotent), so keep
+    it above the usual batch time; below it, a patient waits for a lost batch."""
     result_expires_seconds: int = 86400
 
     ae_title: str = "DISCFLOW"

@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from celery.result import AsyncResult
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from orchestration.ledger import Ledger
 from tasks.scan import REQUEST, resume_job_task, scan_export_task, scan_import_task
@@ -73,11 +74,11 @@ def wait(job_id: str, on_progress: ProgressCallback | None = None, timeout: floa
     result = AsyncResult(task_id or job_id, app=app)
     limit = timeout or get_settings().job_timeout_seconds
     deadline = time.monotonic() + limit
-    while not result.ready():
+    while not _ready(result):
         if time.monotonic() > deadline:
             raise JobFailed(f"job {job_id} did not finish within {limit:.0f} s")
         if on_progress:
-            on_progress(progress.read(app.conf.broker_url, job_id))
+            _quietly(on_progress, lambda: progress.read(app.conf.broker_url, job_id))
         if health_check:
             health_check()
         time.sleep(poll_seconds)
@@ -86,6 +87,22 @@ def wait(job_id: str, on_progress: ProgressCallback | None = None, timeout: floa
     if on_progress:
         on_progress(progress.read(app.conf.broker_url, job_id))
     return result.get(propagate=False)
+
+
+def _ready(result: AsyncResult) -> bool:
+    """Whether the run has ended; False while Redis is unreachable (a restart is waited out)."""
+    try:
+        return result.ready()
+    except (RedisConnectionError, OSError):
+        time.sleep(0.5)
+        return False
+
+
+def _quietly(callback: ProgressCallback, read: Callable[[], dict[str, int]]) -> None:
+    try:
+        callback(read())
+    except (RedisConnectionError, OSError):
+        pass  # progress bars pause while Redis restarts
 
 
 def _failure(job_id: str, error: Any) -> JobFailed:

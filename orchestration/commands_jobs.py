@@ -58,17 +58,17 @@ def status(
             terminal.print_job_status(summary)
         return
     if as_json:
-        typer.echo(json.dumps([_job_row(job) for job in Ledger().jobs(limit)], indent=2))
+        typer.echo(json.dumps([job_row(job) for job in Ledger().jobs(limit)], indent=2))
         return
     while True:
-        rows = [_job_row(job) for job in Ledger().jobs(limit)]
+        rows = [job_row(job) for job in Ledger().jobs(limit)]
         terminal.print_job_list(rows)
         if not watch or all(row["status"] in FINAL_STATES for row in rows):
             return
         time.sleep(1)
 
 
-def _job_row(job) -> dict[str, Any]:
+def job_row(job) -> dict[str, Any]:
     row = {"job_id": job.id, "kind": job.kind, "status": job.state, "priority": job.priority,
            "created_at": job.created_at.isoformat(), "instances": {"total": job.instances_total,
                                                                    "ok": job.instances_ok,

@@ -51,7 +51,11 @@ def submit(kind: str, request: dict[str, Any], priority: str = "normal", submitt
     spool = JobSpool(get_settings().spool_dir, job_id).create()
     spool.write(REQUEST, {**request, "priority": priority})
     Ledger().create_job(job_id, kind, request, priority, submitted_by)
-    FIRST_TASK[kind].apply_async((job_id,), task_id=job_id, priority=PRIORITIES[priority])
+    try:
+        FIRST_TASK[kind].apply_async((job_id,), task_id=job_id, priority=PRIORITIES[priority])
+    except Exception as error:  # a job that was never queued must not stay "queued" in the ledger
+        Ledger().fail_job(job_id, f"could not queue the job: {error}")
+        raise
     return job_id
 
 

@@ -80,9 +80,10 @@ class EmbeddedRedis:
         shutil.rmtree(self._workdir, ignore_errors=True)
 
 
-def worker_command(queues: tuple[str, ...] = STAGES, concurrency: int = 0, name: str = "") -> list[str]:
+def worker_command(queues: tuple[str, ...] = STAGES, concurrency: int = 0, name: str = "",
+                   loglevel: str = "WARNING") -> list[str]:
     command = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", ",".join(queues),
-               "-l", "WARNING", "--without-gossip", "--without-mingle", "-E"]
+               "-l", loglevel, "--without-gossip", "--without-mingle", "-E"]
     if concurrency:
         command += ["-c", str(concurrency)]
     if name:
@@ -94,13 +95,14 @@ class LocalWorkers:
     """Worker processes on this host, started with the given broker and stopped gracefully."""
 
     def __init__(self, broker_url: str, concurrency: int = 0, count: int = 1, log_dir: Path | None = None,
-                 queues: tuple[str, ...] = STAGES, label: str = "embedded") -> None:
+                 queues: tuple[str, ...] = STAGES, label: str = "embedded", loglevel: str = "WARNING") -> None:
         self.broker_url = broker_url
         self.concurrency = concurrency or (os.cpu_count() or 2)
         self.count = count
         self.log_dir = log_dir
         self.queues = queues
         self.label = label
+        self.loglevel = loglevel
         self.processes: list[subprocess.Popen] = []
 
     def start(self) -> "LocalWorkers":
@@ -108,7 +110,7 @@ class LocalWorkers:
         for n in range(self.count):
             log = open(self.log_dir / f"{self.label}{n}.log", "ab") if self.log_dir else subprocess.DEVNULL
             name = f"{self.label}{n}-{os.getpid()}@%h"
-            self.processes.append(subprocess.Popen(worker_command(self.queues, self.concurrency, name),
+            self.processes.append(subprocess.Popen(worker_command(self.queues, self.concurrency, name, self.loglevel),
                                                    env=env, stdout=log, stderr=subprocess.STDOUT))
         return self
 

@@ -36,7 +36,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -625,8 +625,11 @@ def store_files(node: Node, files: Sequence[Path], *, mode: str = "negotiate", a
     ``mode``: ``keep`` sends the original bytes in their own syntax (refused files fail);
     ``uncompressed`` sends Explicit/Implicit VR Little Endian (decompressing when needed);
     ``negotiate`` proposes both and converts only what the peer refuses in its own syntax.
-    Transient failures (no connection, abort, timeout, transient rejection) are retried on
-    a new association after ``backoff * 2**n`` seconds, ``retries`` times.
+    Transient failures (no connection, abort, timeout, transient rejection, and a C-STORE
+    status that says the PACS is short of resources: 0xA7xx Out of Resources, 0x0213 Resource
+    Limitation) are retried on a new association after ``backoff * 2**n`` seconds, ``retries``
+    times. Other failure statuses (0xA9xx, 0xCxxx, 0x01xx, ...) say the PACS will not take this
+    instance as it is: they are reported at once, never resent.
     """
     if mode not in STORE_MODES:
         raise ValueError(f"unknown store mode {mode!r}; expected one of {', '.join(STORE_MODES)}")
@@ -661,24 +664,61 @@ def _store_chunks(headers: list[tuple[int, _Header]], mode: str, associations: i
 
 def _store_chunk(options: _StoreOptions, contexts: list[PresentationContext],
                  members: list[tuple[int, _Header]]) -> dict[int, StoreOutcome]:
-    """Send ``members`` on one association; reopen it (with backoff) while failures are transient."""
+    """Send ``members`` on one association; reopen it (with backoff) while failures are transient.
+
+    An instance the PACS refused for lack of resources (:func:`is_transient_status`) is sent
+    again in the next round, with the instances the broken association left; when the
+    attempts run out it keeps the PACS's status and says how often it was tried.
+    """
     outcomes: dict[int, StoreOutcome] = {}
+    refused: dict[int, StoreOutcome] = {}
+    """Instances whose last attempt got a transient failure status (sent again next round)."""
     pending, reason, attempts = list(members), "", 0
     while pending and attempts <= options.policy.retries:
         options.policy.wait(attempts)
         attempts += 1
+        unsent = pending
         try:
             with _association(options.node, options.calling_ae, options.timeout, contexts) as assoc:
-                pending = _send_until_broken(assoc, pending, options.mode, outcomes)
+                unsent = _send_until_broken(assoc, pending, options.mode, outcomes)
             reason = "the association was aborted or timed out while sending"
         except AssociationFailed as exc:
             reason = exc.reason
             if not exc.transient:
                 break
+        finally:
+            pending = _retry_later(pending, unsent, outcomes, refused)
     for index, header in pending:
-        outcomes[index] = StoreOutcome(header.path, header.sop_instance_uid, None, None, False,
-                                       f"{reason} (gave up after {attempts} attempt{'s' * (attempts != 1)})")
+        attempt_text = f"gave up after {attempts} attempt{'s' * (attempts != 1)}"
+        last = refused.get(index)
+        outcomes[index] = (replace(last, reason=f"{last.reason} ({attempt_text})") if last is not None else
+                           StoreOutcome(header.path, header.sop_instance_uid, None, None, False,
+                                        f"{reason} ({attempt_text})"))
     return outcomes
+
+
+def _retry_later(pending: list[tuple[int, _Header]], unsent: list[tuple[int, _Header]],
+                 outcomes: dict[int, StoreOutcome], refused: dict[int, StoreOutcome]) -> list[tuple[int, _Header]]:
+    """What the next round sends, in the original order: the instances this round did not reach
+    and those the PACS refused for a transient reason (their outcome moves to ``refused``)."""
+    not_reached = {index for index, _ in unsent}
+    again = []
+    for index, header in pending:
+        if index in not_reached:
+            refused.pop(index, None)  # the last word on it is now the association's failure
+            again.append((index, header))
+        elif not outcomes[index].ok and is_transient_status(outcomes[index].status):
+            refused[index] = outcomes.pop(index)
+            again.append((index, header))
+        else:
+            refused.pop(index, None)
+    return again
+
+
+def is_transient_status(status: int | None) -> bool:
+    """A C-STORE failure that may pass when tried again later (PS3.4 Annex B.2.3, PS3.7 Annex C):
+    0xA7xx Refused: Out of Resources, 0x0213 Resource Limitation."""
+    return status is not None and (0xA700 <= status <= 0xA7FF or status == 0x0213)
 
 
 def _send_until_broken(assoc: Association, pending: list[tuple[int, _Header]], mode: str,

@@ -40,7 +40,7 @@ def store_batch(spool: JobSpool, number: int) -> list[StoreResult]:
         outcomes = store_files(Node.parse(request["node"]), [Path(p["path"]) for p in pending],
                                mode=request.get("send", "negotiate"), associations=settings.store_associations,
                                calling_ae=settings.ae_title, timeout=settings.network_timeout_seconds,
-                               retries=settings.store_retries)
+                               retries=settings.store_retries, backoff=settings.store_backoff_seconds)
         for item, outcome in zip(pending, outcomes):
             results[item["index"]] = StoreResult(item["index"], outcome.ok, outcome.status, outcome.sent_syntax or "",
                                                  item["bytes_out"], outcome.reason)

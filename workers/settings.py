@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     retrieve_associations: int = 4
     store_associations: int = 4
     store_retries: int = 3
+    store_backoff_seconds: float = 0.5
+    """First wait before a store retry; it doubles each time (0.5, 1, 2 s with the defaults)."""
 
     volume_capacity_bytes: int = 700 * 1000 * 1000
     """Usable bytes per volume (CD by default)."""

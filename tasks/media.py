@@ -278,5 +278,12 @@ def assemble_volume_task(self, job_id: str, number: int) -> dict[str, int]:
 
 @app.task(bind=True, name="discflow.media.finish")
 def finish_export_task(self, _volumes: list, job_id: str) -> dict[str, Any]:
+    spool = _spool(job_id)
+    volume_count = len(read_json(spool.path / "media" / "plan.json")["volumes"])
+    missing = [n for n in range(1, volume_count + 1)
+               if not (spool.path / "media" / f"VOL{n:03d}" / "result.json").exists()]
+    if missing:  # released early by a volume task that ran twice: come back when all are written
+        raise self.retry(countdown=2, max_retries=900,
+                         exc=RuntimeError(f"volume(s) {', '.join(map(str, missing))} were never written"))
     with stage_timer(self, job_id, "media"):
         return finish_export(_spool(job_id))

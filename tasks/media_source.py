@@ -22,6 +22,7 @@ import io
 import os
 import re
 import stat
+import struct
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -88,7 +89,7 @@ def normalise_name(raw: str) -> tuple[str, str | None]:
     if any(part == ".." for part in parts):
         return printable, "'..' path component (escapes the media root)"
     if not parts:
-        return printable, "empty file name"
+        return printable or "(empty name)", "empty file name"  # a report must name something
     return "/".join(parts), None
 
 
@@ -260,6 +261,10 @@ class ZipMedium(Medium):
 
     def __init__(self, location: Path, max_file_bytes: int) -> None:
         super().__init__(location, max_file_bytes)
+        if _central_directory_entries(location, MAX_ENTRIES) > MAX_ENTRIES:
+            # Counted first: zipfile builds every entry before anyone can count them (a 28 MB
+            # central directory of empty entries costs it 10 s and 260 MB; a DVD-sized one, the worker).
+            raise MediaError(f"{location}: more than {MAX_ENTRIES} entries; refused as a whole")
         try:
             self._zip = zipfile.ZipFile(location)
         except Exception as exc:  # noqa: BLE001 - a hostile central directory
@@ -300,6 +305,36 @@ class ZipMedium(Medium):
 
     def close(self) -> None:
         self._zip.close()
+
+
+def _central_directory_entries(location: Path, limit: int) -> int:
+    """How many entries ``zipfile`` would read from the central directory (counted up to
+    ``limit + 1``, walking it as zipfile does, without building them); 0 when that cannot be told
+    (zipfile then gives its own verdict)."""
+    try:
+        with open(location, "rb") as handle:
+            end = zipfile._EndRecData(handle)  # zipfile's own reading of the end records (zip64 too)
+            if not end:
+                return 0
+            size = end[zipfile._ECD_SIZE]
+            start = end[zipfile._ECD_LOCATION] - size  # where zipfile starts reading (its start_dir)
+            if end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:
+                start -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
+            if start < 0:
+                return 0
+            handle.seek(start)
+            count = walked = 0
+            while walked < size and count <= limit:
+                header = handle.read(46)
+                if len(header) < 46 or header[:4] != b"PK\x01\x02":
+                    break
+                variable = sum(struct.unpack_from("<HHH", header, 28))  # name, extra field, comment
+                handle.seek(variable, 1)
+                walked += 46 + variable
+                count += 1
+            return count
+    except (OSError, ValueError, struct.error, AttributeError):  # AttributeError: a Python without them
+        return 0
 
 
 class IsoMedium(Medium):
@@ -366,7 +401,7 @@ class IsoMedium(Medium):
                     yield MediaFile(f"{relative}/?" if relative else "?", 0, f"unreadable name: {exc}")
                     continue
                 path = f"{relative}/{name}" if relative else name
-                shown = path.replace("\x00", "\\x00")
+                shown = path.replace("\x00", "\\x00") or "(empty name)"
                 refusal = _component_refusal(name)
                 if refusal:
                     yield MediaFile(shown, 0, refusal)

@@ -8,6 +8,7 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian
 
 from tasks import transfer_syntax
+from tasks.decode_guard import DecodeGuardError, guarded
 from tasks.manifest import Instance
 from tasks.media_source import MediaError, Medium, RefusedFile, extract, open_medium
 from tasks.reconcile import apply_edits
@@ -108,12 +109,25 @@ def prepare_import_instance(medium: Medium, spool: JobSpool, instance: Instance,
         path, syntax = extracted, instance.transfer_syntax
         if send == "uncompressed" and transfer_syntax.needs_conversion(syntax, ExplicitVRLittleEndian):
             path = _imported_path(spool, instance.index, "-raw")
-            syntax = transfer_syntax.convert_file(extracted, path, ExplicitVRLittleEndian).transfer_syntax
-    except (transfer_syntax.ConversionError, RefusedFile, MediaError) as error:
+            syntax = _guarded_decode(extracted, path, instance.source)
+    except (transfer_syntax.ConversionError, RefusedFile, MediaError, DecodeGuardError) as error:
         return Outcome(instance.index, False, reason=str(error), bytes_in=instance.size)
     except Exception as error:  # noqa: BLE001 — one bad file must not fail its batch
         return Outcome(instance.index, False, reason=f"{type(error).__name__}: {error}", bytes_in=instance.size)
     return Outcome(instance.index, True, str(path), syntax, instance.sop_instance_uid, size, path.stat().st_size)
+
+
+def _guarded_decode(source: Path, destination: Path, label: str) -> str:
+    """Decode untrusted pixel data to Explicit VR Little Endian in a child process with a time and
+    a memory limit (tasks.decode_guard); a stopped decode leaves no temp file behind."""
+    settings = get_settings()
+    try:
+        return guarded(transfer_syntax.convert_file, source, destination, ExplicitVRLittleEndian,
+                       seconds=settings.decode_timeout_seconds, memory_bytes=settings.decode_memory_bytes,
+                       label=label).transfer_syntax
+    except DecodeGuardError:
+        destination.with_name(f".{destination.name}.part").unlink(missing_ok=True)
+        raise
 
 
 def prepare_import_batch(spool: JobSpool, number: int) -> list[Outcome]:

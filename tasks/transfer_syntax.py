@@ -495,11 +495,13 @@ def _decode(ds: Dataset, syntax: UID) -> tuple[np.ndarray, dict[str, Any]]:
             try:
                 array, pixel = decoder.as_array(
                     ds, raw=True, decoding_plugin=preferred if preferred in decoder.available_plugins else "")
-            except Exception:
-                if not preferred:
+            except BaseException as error:
+                if not preferred or not _decoder_failure(error):
                     raise
                 array, pixel = decoder.as_array(ds, raw=True)  # every plugin, pydicom's order
-        except Exception as error:  # plugins raise anything from RuntimeError to IndexError
+        except BaseException as error:  # plugins raise anything from RuntimeError to IndexError
+            if not _decoder_failure(error):
+                raise
             raise ConversionError(f"cannot decode the {syntax.name} Pixel Data: "
                                   f"{_first_line(error)}") from error
         number_of_frames = int(pixel.get("number_of_frames", number_of_frames))
@@ -510,6 +512,13 @@ def _decode(ds: Dataset, syntax: UID) -> tuple[np.ndarray, dict[str, Any]]:
     if pixel.get("photometric_interpretation") == "YBR_FULL_422":
         pixel["photometric_interpretation"] = "YBR_FULL"  # decoders up-sample the chroma
     return array, pixel
+
+
+def _decoder_failure(error: BaseException) -> bool:
+    """Whether ``error`` from a decoding plugin is this file's fault: any Exception, and the
+    PanicException of a Rust plugin (pylibjpeg-rle panics on a corrupt RLE segment; pyo3 makes
+    that a BaseException, which ``except Exception`` lets through to the worker)."""
+    return isinstance(error, Exception) or type(error).__name__ == "PanicException"
 
 
 def _decode_lossless_jpeg_fast(ds: Dataset, number_of_frames: int) -> np.ndarray | None:

@@ -81,6 +81,11 @@ class Settings(BaseSettings):
 
     max_pixels_per_instance: int = 2_000_000_000
     """Rows x Columns x Frames x Samples beyond this are refused (decompression bombs)."""
+    decode_timeout_seconds: float = 120.0
+    """Decoding one imported instance (import --send uncompressed) runs in a child process that is
+    killed after this many seconds (tasks.decode_guard); the instance is then reported, not stored."""
+    decode_memory_bytes: int = 4 << 30
+    """Address space that decode may use beyond what the worker maps already; more is refused."""
 
     @classmethod
     def settings_customise_sources(

@@ -1,4 +1,5 @@
-"""Faults while a job runs: a worker's child process SIGKILLed mid-transcode loses no instance."""
+"""Faults while a job runs: a worker's child process, or a whole worker, SIGKILLed in the middle of
+the transcode stage of a 500-instance export or the store stage of a 500-instance import loses no instance."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,6 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from conftest import CT_IMAGES
 from peers import orthanc, orthanc_factory  # noqa: F401 — fixtures
 from disc_checks import directory_leaves, xorriso_extract
 from orchestration.jobs import submit, wait
@@ -34,28 +34,41 @@ def celery_children() -> list[int]:
     return [pid for pid, (cmd, parent) in commands.items() if parent in mains]
 
 
-def test_a_killed_worker_child_loses_no_instance(system_cluster, ct_study, tmp_path):
-    out = tmp_path / "out"
-    job_id = submit("export", {"source": {"folder": str(ct_study)}, "syntax": "j2k-lossless", "out_dir": str(out),
-                               "batch_size": 10})
-    deadline = time.monotonic() + 120
-    while progress.read(app.conf.broker_url, job_id).get("transcode:done", 0) < 20:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+def kill_worker_children() -> None:
     children = celery_children()
     assert children, "no worker child found to kill"
-    for pid in children:  # each child is in the middle of a transcode batch
+    for pid in children:  # each child is in the middle of a batch
         os.kill(pid, signal.SIGKILL)
+
+
+def test_a_killed_worker_child_loses_no_instance_of_an_import(system_cluster, large_study, orthanc, tmp_path):
+    exported = submit("export", {"source": {"folder": str(large_study)}, "syntax": "keep",
+                                 "out_dir": str(tmp_path / "disc")})
+    wait(exported, timeout=300)
+    job_id = submit("import", {"medium": str(tmp_path / "disc" / "VOL001.ISO"), "node": str(orthanc.node),
+                               "send": "keep", "studies": [], "rules": None, "batch_size": 20})
+    wait_for_progress(job_id, "store", 60)
+    kill_worker_children()
     wait(job_id, timeout=600)
     job = Ledger().job(job_id)
-    assert (job.state, job.instances_ok, job.instances_failed) == ("succeeded", CT_IMAGES, 0)
-    root = xorriso_extract(out / "VOL001.ISO", tmp_path / "extracted")
-    leaves = directory_leaves(root / "DICOMDIR")
-    uids = [str(pydicom.dcmread(root.joinpath(*leaf.ReferencedFileID), stop_before_pixels=True).SOPInstanceUID)
-            for leaf in leaves]
-    assert len(uids) == len(set(uids)) == CT_IMAGES  # every instance exactly once
-    assert len(list(root.joinpath("DICOM").rglob("*"))) >= CT_IMAGES
+    assert (job.state, job.instances_ok, job.instances_failed) == ("succeeded", FAULT_IMAGES, 0)
+    expected = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in large_study.glob("*.dcm")}
+    assert orthanc.instance_uids() == expected
 
+
+def test_a_killed_worker_child_loses_no_instance(system_cluster, large_study, tmp_path):
+    out = tmp_path / "out"
+    job_id = submit("export", {"source": {"folder": str(large_study)}, "syntax": "jpeg-lossless",
+                               "out_dir": str(out), "batch_size": 20})
+    wait_for_progress(job_id, "transcode", 100)
+    kill_worker_children()
+    wait(job_id, timeout=600)
+    job = Ledger().job(job_id)
+    assert (job.state, job.instances_ok, job.instances_failed) == ("succeeded", FAULT_IMAGES, 0)
+    root = xorriso_extract(out / "VOL001.ISO", tmp_path / "extracted")
+    uids = [str(pydicom.dcmread(root.joinpath(*leaf.ReferencedFileID), stop_before_pixels=True).SOPInstanceUID)
+            for leaf in directory_leaves(root / "DICOMDIR")]
+    assert len(uids) == len(set(uids)) == FAULT_IMAGES  # every instance exactly once
 
 FAULT_IMAGES = 500
 

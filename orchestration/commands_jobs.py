@@ -10,7 +10,7 @@ import typer
 
 from orchestration import console as terminal
 from orchestration.batch_file import BatchError, read_batch
-from orchestration.cli import EXIT_CODES, _fail, _report, cli, follow, runtime, submit_or_run
+from orchestration.cli import EXIT_CODES, _fail, _report, cli, follow, runtime
 from orchestration.jobs import JobCancelledError, JobFailed, UnknownJob, cancel as cancel_job, resume as resume_job
 from orchestration.jobs import submit, wait
 from orchestration.ledger import FINAL_STATES, Ledger

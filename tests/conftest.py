@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -74,8 +75,8 @@ def _claim_database(server: str) -> tuple[str, redis.Redis]:
     pytest.skip(f"every database of {server} is claimed by another test session")
 
 
-@pytest.fixture
-def system_redis(spool: Path) -> Iterator[str]:
+@contextmanager
+def claimed_system_redis() -> Iterator[str]:
     """A database of the machine's own Redis that no other test session uses, emptied afterwards."""
     try:
         redis.Redis.from_url(SYSTEM_REDIS, socket_connect_timeout=1).ping()
@@ -86,6 +87,12 @@ def system_redis(spool: Path) -> Iterator[str]:
         yield url
     finally:
         claim.flushdb()
+
+
+@pytest.fixture
+def system_redis(spool: Path) -> Iterator[str]:
+    with claimed_system_redis() as url:
+        yield url
 
 
 @pytest.fixture

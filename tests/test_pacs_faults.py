@@ -18,7 +18,6 @@ from typing import NamedTuple
 
 import pydicom
 import pytest
-import redis
 
 from orchestration.corpus import StudySpec, build_study
 from orchestration.jobs import resume, submit, wait
@@ -65,7 +64,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     session uses, its own spool and ledger, and two worker processes started with fewer store
     retries than the default (workers inherit the environment). One cluster for the three
     imports saves two worker start-ups and shutdowns (~10 s each on a busy 2-core machine)."""
-    from conftest import SYSTEM_REDIS, _claim_database, _cluster
+    from conftest import _cluster, claimed_system_redis
     folder = tmp_path_factory.mktemp("pacs-faults")
     try:
         with pytest.MonkeyPatch.context() as patch:
@@ -73,15 +72,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             patch.setenv("DISCFLOW_STORE_RETRIES", str(STORE_RETRIES))
             patch.setenv("DISCFLOW_NETWORK_TIMEOUT_SECONDS", "10")
             reload_settings()
-            try:
-                redis.Redis.from_url(SYSTEM_REDIS, socket_connect_timeout=1).ping()
-            except redis.ConnectionError:
-                pytest.skip(f"no Redis at {SYSTEM_REDIS} (bash .ci/run starts one)")
-            url, claim = _claim_database(SYSTEM_REDIS)
-            try:
+            with claimed_system_redis() as url:
                 yield from _cluster(url, count=2, concurrency=1, log_dir=folder)
-            finally:
-                claim.flushdb()
     finally:
         reload_settings()
 

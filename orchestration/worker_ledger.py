@@ -1,7 +1,7 @@
 """Loaded by every worker (Celery ``include``): the workers, not the client, write the job ledger.
 
 - each task's timing record (queue wait, run time, bytes) becomes a ``task_runs`` row;
-- the first task that starts marks the job running;
+- the job's first task (a scan) marks the job running;
 - the job's last task (``*.finish``) records the outcome, per-instance results and audit events
   (from its timing record, so before the task's result is visible to the client);
 - a task that fails outright marks the job failed and resumable.
@@ -46,6 +46,9 @@ def record_timing(record: TaskTiming) -> None:
 
 @task_prerun.connect
 def _job_started(sender=None, args=(), kwargs=None, **_: Any) -> None:
+    # A job's (or a resumed run's) first task is always a scan task: no ledger write per batch.
+    if not getattr(sender, "name", "").startswith("discflow.scan."):
+        return
     job_id = _job_id(sender, args or (), kwargs or {})
     if job_id:
         _safely(Ledger().mark_running, job_id)

@@ -9,8 +9,9 @@ DESIGN.md). A future Storage SCP (C-MOVE destination) passes the same handler to
 ``ae.start_server(..., evt_handlers=[TCP_NODELAY_HANDLER, ...])``.
 
 Pixel data is never decoded on the way through: received instances are written as the
-bytes that arrived, files are sent by path (``STORE_SEND_CHUNKED_DATASET``) unless the peer
-refuses their transfer syntax and the caller allowed a conversion.
+bytes that arrived; C-STORE goes over :mod:`tasks.dicom_wire`, which sends each file's own
+bytes after its file meta unless the peer refuses their transfer syntax and the caller
+allowed a conversion. C-FIND and C-GET use pynetdicom's associations.
 
 Limits worth knowing:
 
@@ -29,7 +30,6 @@ import hashlib
 import logging
 import queue
 import re
-import socket
 import threading
 import time
 from collections import Counter
@@ -56,8 +56,9 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, StoragePresentationContexts, _config, build_context, build_role, evt
+from pynetdicom import AE, StoragePresentationContexts, build_context, build_role, evt
 from pynetdicom.association import Association
+from pynetdicom.dsutils import encode
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
@@ -66,6 +67,15 @@ from pynetdicom.sop_class import (
 from pynetdicom.status import code_to_category
 from pynetdicom.transport import AssociationSocket
 
+from tasks.dicom_wire import (
+    AssociationFailed,
+    StoreAssociation,
+    WireBroken,
+    quick_ack,
+    read_file_meta,
+    set_tcp_nodelay,
+    store_association,
+)
 from tasks.spool import atomic_writer
 
 LOGGER = logging.getLogger(__name__)
@@ -73,10 +83,6 @@ if logging.getLogger("pynetdicom").level == logging.NOTSET:
     # pynetdicom logs C-FIND/C-GET identifiers (Patient ID, ...) at INFO: keep them out of
     # worker logs unless someone asked for pynetdicom's logging explicitly.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-
-# Send files by path as the raw bytes after the file meta, never decoded (pynetdicom >= 2).
-# Process-wide by pynetdicom's design; it only changes send_c_store(<path>).
-_config.STORE_SEND_CHUNKED_DATASET = True
 
 MAX_CONTEXTS = 128
 """Presentation contexts per association (context ids are odd numbers 1..255)."""
@@ -171,29 +177,12 @@ class StoreOutcome:
     reason: str = ""
 
 
-class AssociationFailed(ConnectionError):
-    """No association (or it broke); ``transient`` says whether trying again may help."""
-
-    def __init__(self, reason: str, *, transient: bool) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.transient = transient
-
-
 class DimseError(RuntimeError):
     """A DIMSE operation failed as a whole (status or missing response)."""
 
 
 # --------------------------------------------------------------------------------------
 # Associations, TCP_NODELAY
-
-
-def set_tcp_nodelay(sock: socket.socket) -> None:
-    """Switch Nagle's algorithm off: a small PDU goes out at once, not after the peer's ACK."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
 class _QuickAckSocket(AssociationSocket):
@@ -206,11 +195,8 @@ class _QuickAckSocket(AssociationSocket):
     """
 
     def recv(self, nr_bytes: int) -> bytearray:
-        if self.socket is not None and _TCP_QUICKACK is not None:
-            try:
-                self.socket.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-            except OSError:
-                pass  # closing socket: the read below reports it
+        if self.socket is not None:
+            quick_ack(self.socket)
         return super().recv(nr_bytes)
 
 
@@ -548,7 +534,7 @@ def _get_series(assoc: Association, ref: SeriesRef) -> str | None:
 
 
 # --------------------------------------------------------------------------------------
-# C-STORE
+# C-STORE (over tasks.dicom_wire: no reactor thread, the file's own bytes sent as they are)
 
 
 @dataclass(frozen=True)
@@ -557,7 +543,8 @@ class _Header:
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax: UID
-    has_meta: bool
+    dataset_offset: int | None
+    """Where the data set starts after the file meta; None: encode with pydicom (no usable meta)."""
 
 
 @dataclass(frozen=True)
@@ -571,10 +558,23 @@ class _StoreOptions:
 
 ContextKey = tuple[str, tuple[str, ...]]
 """(SOP Class UID, transfer syntaxes) of one proposed presentation context."""
+_META_PROBE = 16_384
+"""Bytes read to parse the file meta; a longer meta is left to pydicom."""
 
 
 def _read_header(path: Path) -> _Header | StoreOutcome:
-    """SOP class, instance and syntax from the header only (pixel data not even read)."""
+    """SOP class, instance and syntax from the file meta (a 16 KB read), else from pydicom."""
+    try:
+        with path.open("rb") as handle:
+            meta = read_file_meta(handle.read(_META_PROBE))
+    except OSError as exc:
+        return StoreOutcome(path, None, None, None, False, f"cannot read the file: {exc.strerror or exc}")
+    if meta is not None:
+        return _Header(path, meta.sop_class_uid, meta.sop_instance_uid, UID(meta.transfer_syntax), meta.dataset_offset)
+    return _read_header_with_pydicom(path)
+
+
+def _read_header_with_pydicom(path: Path) -> _Header | StoreOutcome:
     try:
         dataset = dcmread(path, force=True, stop_before_pixels=True,
                           specific_tags=["SOPClassUID", "SOPInstanceUID"])
@@ -588,9 +588,7 @@ def _read_header(path: Path) -> _Header | StoreOutcome:
     syntax = meta.get("TransferSyntaxUID")
     if syntax is None:
         syntax = ImplicitVRLittleEndian if dataset.original_encoding[0] else ExplicitVRLittleEndian
-    has_meta = all(keyword in meta for keyword in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID",
-                                                   "TransferSyntaxUID"))
-    return _Header(path, str(sop_class), str(sop_instance), UID(str(syntax)), has_meta)
+    return _Header(path, str(sop_class), str(sop_instance), UID(str(syntax)), None)
 
 
 def wanted_contexts(sop_class: str, transfer_syntax: str, mode: str) -> list[ContextKey]:
@@ -674,13 +672,15 @@ def _store_chunk(options: _StoreOptions, contexts: list[PresentationContext],
     refused: dict[int, StoreOutcome] = {}
     """Instances whose last attempt got a transient failure status (sent again next round)."""
     pending, reason, attempts = list(members), "", 0
+    node = options.node
     while pending and attempts <= options.policy.retries:
         options.policy.wait(attempts)
         attempts += 1
         unsent = pending
         try:
-            with _association(options.node, options.calling_ae, options.timeout, contexts) as assoc:
-                unsent = _send_until_broken(assoc, pending, options.mode, outcomes)
+            with store_association(node.host, node.port, node.ae_title, options.calling_ae, contexts,
+                                   options.timeout) as wire:
+                unsent = _send_until_broken(wire, pending, options.mode, outcomes)
             reason = "the association was aborted or timed out while sending"
         except AssociationFailed as exc:
             reason = exc.reason
@@ -721,43 +721,38 @@ def is_transient_status(status: int | None) -> bool:
     return status is not None and (0xA700 <= status <= 0xA7FF or status == 0x0213)
 
 
-def _send_until_broken(assoc: Association, pending: list[tuple[int, _Header]], mode: str,
+def _send_until_broken(wire: StoreAssociation, pending: list[tuple[int, _Header]], mode: str,
                        outcomes: dict[int, StoreOutcome]) -> list[tuple[int, _Header]]:
     """Send in order; return what is left when the association breaks (else [])."""
     for position, (index, header) in enumerate(pending):
-        if not assoc.is_established:
-            return pending[position:]
-        outcome = _send_one(assoc, header, mode)
+        outcome = _send_one(wire, header, mode)
         if outcome is None:
             return pending[position:]
         outcomes[index] = outcome
     return []
 
 
-def _send_one(assoc: Association, header: _Header, mode: str) -> StoreOutcome | None:
+def _send_one(wire: StoreAssociation, header: _Header, mode: str) -> StoreOutcome | None:
     """C-STORE one file; None when no response came (the caller retries on a new association)."""
-    syntax, convert = _choose_syntax(assoc, header, mode)
+    syntax, convert = _choose_syntax(wire, header, mode)
     if syntax is None:
-        return _outcome(header, None, None, f"{assoc.acceptor.ae_title} accepted no presentation context for "
+        return _outcome(header, None, None, f"{wire.peer_ae_title} accepted no presentation context for "
                         f"{UID(header.sop_class_uid).name} in {header.transfer_syntax.name}" +
                         ("" if mode == "keep" else " or uncompressed"))
     try:
-        payload: Path | Dataset = _converted(header, convert) if convert or not header.has_meta else header.path
-    except Exception as exc:  # any codec error: this file fails, the others go on
+        payload = _payload(header, UID(syntax), convert)
+    except Exception as exc:  # any codec or encoding error: this file fails, the others go on
         return _outcome(header, None, None, f"cannot convert from {header.transfer_syntax.name}: {exc}")
+    context_id = wire.context_for(header.sop_class_uid, syntax)
     try:
-        _pause_reactor(assoc)
-        status = assoc.send_c_store(payload)
-    except RuntimeError:  # the association ended under us
+        response = wire.c_store(context_id, header.sop_class_uid, header.sop_instance_uid, payload)
+    except WireBroken as exc:
+        LOGGER.warning("C-STORE to %s: %s", wire.peer_ae_title, exc)
         return None
-    except (ValueError, AttributeError) as exc:  # pynetdicom could not encode or place this one file
-        return _outcome(header, None, None, f"cannot send: {exc}")
-    if not status:
-        return None
-    code = int(status.Status)
+    code = response.status
     ok = code_to_category(code) in ("Success", "Warning")
-    comment = status.get("ErrorComment")
-    reason = "" if code == 0 else f"status {_status_text(code)}" + (f": {comment}" if comment else "")
+    reason = "" if code == 0 else f"status {_status_text(code)}" + (
+        f": {response.error_comment}" if response.error_comment else "")
     LOGGER.debug("stored %s as %s: 0x%04X", header.sop_instance_uid, syntax, code)
     return _outcome(header, code, syntax, reason, ok)
 
@@ -766,10 +761,9 @@ def _outcome(header: _Header, status: int | None, syntax: str | None, reason: st
     return StoreOutcome(header.path, header.sop_instance_uid, status, syntax, ok, reason)
 
 
-def _choose_syntax(assoc: Association, header: _Header, mode: str) -> tuple[str | None, bool]:
+def _choose_syntax(wire: StoreAssociation, header: _Header, mode: str) -> tuple[str | None, bool]:
     """(syntax to send in, whether the file must be converted) given the accepted contexts."""
-    accepted = {str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts
-                if cx.abstract_syntax == header.sop_class_uid}
+    accepted = {syntax for sop_class, syntax in wire.accepted.values() if sop_class == header.sop_class_uid}
     original = str(header.transfer_syntax)
     if original in accepted and (mode != "uncompressed" or not header.transfer_syntax.is_compressed):
         return original, False
@@ -779,9 +773,21 @@ def _choose_syntax(assoc: Association, header: _Header, mode: str) -> tuple[str 
     return target, target is not None
 
 
+def _payload(header: _Header, syntax: UID, convert: bool) -> memoryview:
+    """The data set in ``syntax``: the file's own bytes after its meta when nothing changes,
+    else pydicom's encoding of the (decompressed when asked) data set."""
+    if not convert and header.dataset_offset is not None:
+        return memoryview(header.path.read_bytes())[header.dataset_offset:]
+    dataset = _converted(header, convert)
+    encoded = encode(dataset, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+    if encoded is None:
+        raise ValueError(f"pydicom cannot encode the data set in {syntax.name}")
+    return memoryview(encoded)
+
+
 def _converted(header: _Header, decompress: bool) -> Dataset:
-    """The whole dataset for pynetdicom to re-encode in the accepted syntax; pixel data is
-    decompressed only when asked and compressed."""
+    """The whole dataset, re-encoded by :func:`_payload`; pixel data is decompressed only when
+    asked and compressed."""
     dataset = dcmread(header.path, force=True)
     if not hasattr(dataset, "file_meta") or "TransferSyntaxUID" not in dataset.file_meta:
         dataset.ensure_file_meta()

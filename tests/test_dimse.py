@@ -27,7 +27,7 @@ from peers import (  # noqa: F401  (fixtures are found by name)
     storescp,
     storescp_factory,
 )
-from tasks import dimse
+from tasks import dicom_wire, dimse
 from tasks.dimse import Node, SeriesRef, StoreOutcome
 
 pytestmark = pytest.mark.peers
@@ -355,7 +355,8 @@ def test_every_socket_has_tcp_nodelay(orthanc: OrthancPeer, study: Study, tmp_pa
         real(sock)
         seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
-    monkeypatch.setattr(dimse, "set_tcp_nodelay", spy)
+    monkeypatch.setattr(dimse, "set_tcp_nodelay", spy)  # C-FIND, C-GET (pynetdicom)
+    monkeypatch.setattr(dicom_wire, "set_tcp_nodelay", spy)  # C-STORE
     dimse.store_files(orthanc.node, study.files[:4], associations=2)
     found = dimse.find_instances(orthanc.node, study_uids=[study.study_uid])
     dimse.retrieve_series(orthanc.node, found, tmp_path, associations=2)
@@ -396,7 +397,8 @@ def test_store_timing_200_instances(orthanc_factory: Callable[..., OrthancPeer],
         peer = orthanc_factory(tcp_nodelay=nodelay)
         with monkeypatch.context() as patch:
             if not ours:
-                patch.setattr(dimse, "_on_connection_open", plain_connection_open)
+                patch.setattr(dicom_wire, "set_tcp_nodelay", lambda sock: None)
+                patch.setattr(dicom_wire, "quick_ack", lambda sock: None)
             started = time.perf_counter()
             outcomes = dimse.store_files(peer.node, files, mode="keep", associations=associations)
             seconds = time.perf_counter() - started

@@ -50,6 +50,9 @@ REAL_CT_RATIOS = (2.0, 3.5)
 """JPEG-lossless compression ratios of real CT; the corpus should land inside."""
 
 
+BENCH_PARTS = ("export", "import", "node", "embedded", "scaling")
+
+
 @dataclass
 class BenchOptions:
     images: int = 500
@@ -62,6 +65,8 @@ class BenchOptions:
     batch_sizes: tuple[int, ...] = (1, 10, 25, 50, 200)
     profile_html: Path | None = None
     """Also profile the slowest stage (inline) with pyinstrument and write its HTML here."""
+    parts: tuple[str, ...] = BENCH_PARTS
+    """Which parts to measure (a subset of :data:`BENCH_PARTS`), e.g. only ``import`` after a change."""
 
     @property
     def concurrency(self) -> int:
@@ -493,11 +498,12 @@ def _measure_all(bench: Bench, say: Say) -> None:
             prepare_discs(bench)
             for number in range(1, bench.options.runs + 1):
                 say(f"run {number} of {bench.options.runs}")
-                export_rows(bench)
-                import_rows(bench)
-                node_rows(bench)
-                embedded_row(bench)
-        scaling_rows(bench)
+                for part, rows in (("export", export_rows), ("import", import_rows), ("node", node_rows),
+                                   ("embedded", embedded_row)):
+                    if part in bench.options.parts:
+                        rows(bench)
+        if "scaling" in bench.options.parts:
+            scaling_rows(bench)
         if bench.options.profile_html:
             bench.profile = profile_inline_export(bench.corpus.jpeg_lossless, "uncompressed", bench.out,
                                                   bench.options.profile_html)

@@ -337,7 +337,7 @@ def _scaling_table(result: dict[str, Any]) -> str:
 
 
 def _overhead_table(result: dict[str, Any], concurrency: int) -> str:
-    if not result["rows"]:
+    if not any(row.get("inline_seconds") for row in result["rows"]):  # scaling not measured (--only)
         return ""
     lines = ["**Per-task overhead** (`--syntax uncompressed`: same stage functions in one process vs the "
              "Celery canvas on Redis)", "",

@@ -26,6 +26,8 @@ def bench(
     batch_sizes: Annotated[str, typer.Option(help="Batch sizes for the per-task overhead table.")] = "1,10,25,50,200",
     profile: Annotated[Optional[Path], typer.Option(help="Also profile the slowest export inline with "
                                                          "pyinstrument; HTML written here.")] = None,
+    only: Annotated[str, typer.Option(help="Measure only these parts (comma-separated): "
+                                           "export, import, node, embedded, scaling.")] = "",
 ) -> None:
     """Measure export and import (the study's Tables 2 and 3) beside DCMTK and Orthanc, in one run.
 
@@ -40,8 +42,10 @@ def bench(
         discflow bench --images 200 --runs 5 --json bench.json --markdown bench.md
 
         discflow bench --images 20 --runs 1        # a quick check, about a minute
+
+        discflow bench --only import               # Table 3 only, after a change to the import
     """
-    from orchestration.benchmark import BenchOptions, run_bench
+    from orchestration.benchmark import BENCH_PARTS, BenchOptions, run_bench
     from orchestration.benchmark_report import markdown
     from orchestration.jobs import JobFailed
 
@@ -50,8 +54,12 @@ def bench(
         terminal.console.print("[red]error:[/red] --modality is CT or MR; --images, --runs and each of "
                                "--batch-sizes (comma-separated) are at least 1")
         raise typer.Exit(2)
+    parts = tuple(part.strip() for part in only.split(",") if part.strip()) or BENCH_PARTS
+    if not set(parts) <= set(BENCH_PARTS):
+        terminal.console.print(f"[red]error:[/red] --only takes {', '.join(BENCH_PARTS)}")
+        raise typer.Exit(2)
     options = BenchOptions(images=images, modality=modality, workers=workers, runs=runs, corpus_dir=corpus_dir,
-                           batch_sizes=sizes, profile_html=profile)
+                           batch_sizes=sizes, profile_html=profile, parts=parts)
     try:
         report = run_bench(options, _progress_printer())
     except (RuntimeError, JobFailed, OSError) as error:  # a peer missing or failing, a job failing

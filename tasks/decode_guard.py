@@ -26,6 +26,14 @@ then copy-on-write faults while the child works): 15-50 ms per call for a 120 MB
 the (loaded, nested-virtualisation) VM where it was measured, ~0.25 ms per resident MB for a
 bare fork there; ``test_guard_overhead_is_measured`` prints the figures on the machine at hand.
 
+Many decodes in one child: :func:`guarded_each` runs one function over a list of calls in a
+single forked child (one fork per batch instead of one per file), each call limited by the child's
+own alarm, re-armed before it, to ``seconds``; the parent waits ``seconds`` x the number of calls at
+most. A call's ordinary exception comes back as a small description (a string), the other calls
+go on; a time or memory limit, a crash or a ``BaseException`` ends the child and is raised for the
+whole, as :func:`guarded` raises it: the caller then redoes the calls one child each to learn which
+one it was.
+
 The child starts from the worker's memory as it is: call this from the thread that runs the
 task, in a worker that runs one task per process (Celery's prefork pool), not from a threaded pool.
 """
@@ -39,7 +47,7 @@ import select
 import signal
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 Result = TypeVar("Result")
@@ -117,7 +125,47 @@ def guarded(function: Callable[..., Result], *args: Any, seconds: float, memory_
                            f"(memory limit {megabytes} MB)")
 
 
+def guarded_each(function: Callable[..., Result], calls: Sequence[Sequence[Any]], *, seconds: float,
+                 memory_bytes: int, label: str,
+                 describe: Callable[[Exception], Any] | None = None) -> list[tuple[bool, Any]]:
+    """``function(*args)`` for each ``args`` in ``calls``, all in ONE forked child: each call limited
+    to ``seconds`` (the child's alarm, re-armed before each call), all of them to ``seconds`` x
+    ``len(calls)`` of wall-clock time and ``memory_bytes`` of address space (as :func:`guarded`).
+
+    Returns, in order, ``(True, result)`` or, for a call that raised an :class:`Exception` not
+    caused by running out of memory, ``(False, describe(error))`` (default ``"Type: message"``),
+    made in the child: results and descriptions must pickle and should be small. Raises, for the
+    whole, what :func:`guarded` raises when a call exceeds its time or the memory limit, crashes
+    the child or raises a ``BaseException`` (a ``RuntimeError``): which call it was is not known.
+    """
+    calls = [tuple(args) for args in calls]
+    if not calls:
+        return []
+    return guarded(_each, function, calls, seconds, describe or _described, seconds=seconds * len(calls),
+                   memory_bytes=memory_bytes, label=label)
+
+
 # --- the child ------------------------------------------------------------------------------
+
+def _each(function: Callable[..., Any], calls: list[tuple], seconds: float,
+          describe: Callable[[Exception], Any]) -> list[tuple[bool, Any]]:
+    """Run in the child of :func:`guarded_each`."""
+    results: list[tuple[bool, Any]] = []
+    for args in calls:
+        signal.setitimer(signal.ITIMER_REAL, seconds)  # SIGALRM (default action) ends the child
+        try:
+            results.append((True, function(*args)))
+        except Exception as error:  # noqa: BLE001 - one call's failure, unless it is the memory limit
+            if _memory_error_in(error) is not None:
+                raise
+            traceback.clear_frames(error.__traceback__)  # let go of what the call allocated
+            results.append((False, describe(error)))
+    return results
+
+
+def _described(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"
+
 
 def _child(write_fd: int, function: Callable[..., Any], args: tuple, kwargs: dict, seconds: float,
            memory_bytes: int) -> None:

@@ -6,11 +6,14 @@ later stage has to read a header again.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
+from pydicom.datadict import tag_for_keyword
+from pydicom.tag import BaseTag
 
 PATIENT_KEYWORDS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex")
 STUDY_KEYWORDS = ("StudyInstanceUID", "StudyDate", "StudyTime", "StudyDescription", "StudyID",
@@ -32,15 +35,46 @@ INSTANCE_KEYWORDS = (
     "RTPlanLabel", "RTPlanDate", "RTPlanTime", "TreatmentDate", "TreatmentTime", "DataPointRows",
     "DataPointColumns", "VOILUTFunction",
 )
+_BULK_DATA_THRESHOLD = 1 << 20
+"""Ignored without a bulk data handler: binary values are always inline."""
 
 
 def subset_json(dataset: Dataset, keywords: tuple[str, ...]) -> dict[str, Any]:
-    """The named attributes of ``dataset`` in the DICOM JSON model (absent ones left out)."""
-    part = Dataset()
-    for keyword in keywords:
-        if keyword in dataset:
-            part[keyword] = dataset[keyword]
-    return part.to_json_dict(bulk_data_threshold=1 << 20, bulk_data_element_handler=None)
+    """The named attributes of ``dataset`` in the DICOM JSON model (absent ones left out).
+
+    Element by element, in ``keywords`` order: the same dict ``Dataset.to_json_dict`` gives for a
+    Dataset holding just these elements (tests/test_manifest.py checks), without building that
+    Dataset and resolving each keyword to a tag per call, which cost most of scan's CPU time.
+    """
+    json_dict: dict[str, Any] = {}
+    for tag, json_key in _json_tags(keywords):
+        if tag in dataset:
+            json_dict[json_key] = dataset[tag].to_json_dict(None, _BULK_DATA_THRESHOLD)
+    return json_dict
+
+
+@cache
+def _json_tags(keywords: tuple[str, ...]) -> tuple[tuple[BaseTag, str], ...]:
+    # The keyword tuples are module constants, so each is resolved once per process. A keyword
+    # with no tag (e.g. a repeating group's "OverlayRows") is left out, as `keyword in dataset` did.
+    tags = (tag_for_keyword(keyword) for keyword in keywords)
+    return tuple((BaseTag(tag), f"{tag:08X}") for tag in tags if tag is not None)
+
+
+def as_json(record: Any) -> dict[str, Any]:
+    """A dataclass record as a dict of its fields, in field order, for ``json.dumps``.
+
+    Shallow, unlike ``dataclasses.asdict``: nested dicts and lists are the record's own (the deep
+    copy was most of the cost of writing a manifest), so serialise the result, don't mutate it.
+    Nested dataclasses are not converted: a record holding some needs its own step, as
+    ``Manifest.to_json`` does for its levels and instances.
+    """
+    return {name: getattr(record, name) for name in _field_names(type(record))}
+
+
+@cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
 
 
 def dataset_from_json(attributes: dict[str, Any]) -> Dataset:
@@ -91,7 +125,11 @@ class Manifest:
     """Warnings that did not stop a file (e.g. a duplicate copy), same shape as ``skipped``."""
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The manifest as JSON values; shares nested values with it (see ``as_json``)."""
+        value = as_json(self)
+        for name in ("patients", "studies", "series", "instances"):
+            value[name] = [as_json(record) for record in value[name]]
+        return value
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> "Manifest":

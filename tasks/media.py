@@ -257,12 +257,15 @@ def plan_media_task(self, _batches: list, job_id: str):
     return self.replace(chord(header, finish_export_task.s(job_id)))
 
 
-def wait_for_batches(task, spool: JobSpool, stage: str, outcome_stage: str | None = None) -> None:
+def wait_for_batches(task, spool: JobSpool, stage: str, outcome_stage: str | None = None,
+                     countdown: float = 2) -> None:
     """A chord body may be released early when a header task ran twice (at-least-once delivery
-    counts both runs): come back until every batch's outcome is in the spool."""
+    counts both runs), and an import's first batches run outside its chord (started during the
+    scan): come back every ``countdown`` seconds, for up to 30 minutes, until every batch's
+    outcome is in the spool."""
     missing = spool.unfinished_batches(stage, outcome_stage)
     if missing:
-        raise task.retry(countdown=2, max_retries=900, exc=RuntimeError(
+        raise task.retry(countdown=countdown, max_retries=int(1800 / countdown), exc=RuntimeError(
             f"batch(es) {', '.join(map(str, missing[:10]))} of the {outcome_stage or stage} stage never finished"))
 
 

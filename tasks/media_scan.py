@@ -27,6 +27,7 @@ import re
 import struct
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO, Literal
 
@@ -194,8 +195,12 @@ class _WatchedStream:
         return self._position
 
 
-def scan_medium(medium: Medium, *, max_pixels: int = 2_000_000_000, max_file_bytes: int = 4 << 30) -> MediaScan:
-    """Every DICOM instance on ``medium``, and a problem for every file not taken."""
+def scan_medium(medium: Medium, *, max_pixels: int = 2_000_000_000, max_file_bytes: int = 4 << 30,
+                on_found: Callable[[FoundInstance], None] | None = None) -> MediaScan:
+    """Every DICOM instance on ``medium``, and a problem for every file not taken.
+
+    ``on_found`` sees each instance as soon as it is taken (in the order of ``instances``), so
+    work on the first ones can start while the rest of the medium is read."""
     scan = MediaScan()
     listing = sorted(medium.files(), key=lambda entry: entry.path)
     usable: list[MediaFile] = []
@@ -235,6 +240,8 @@ def scan_medium(medium: Medium, *, max_pixels: int = 2_000_000_000, max_file_byt
         if record is not None:
             _compare_record(record, instance, scan)
         _add_unique(medium, instance, found, scan)
+        if on_found is not None and scan.instances and scan.instances[-1] is instance:
+            on_found(instance)
 
     scan.used_dicomdir = dicomdir_readable and not scan.dicomdir_problems
     return scan

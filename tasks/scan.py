@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from celery import chord
 
 from tasks.dicom_header import NotDicomError, read_header
-from tasks.manifest import Manifest, ManifestBuilder
-from tasks.media_scan import MediaScan, scan_medium
+from tasks.manifest import Instance, Manifest, ManifestBuilder, as_json
+from tasks.media_scan import FoundInstance, MediaScan, scan_medium
 from tasks.media_source import open_medium
 from tasks.reconcile import PatientLookup, load_rules, plan_instance_edits, plan_patient_edits
 from tasks.spool import JobSpool, write_json
@@ -101,56 +100,92 @@ def export_canvas(job_id: str, batch_count: int):
     return chord(header, plan_media_task.s(job_id))
 
 
-def write_batches(spool: JobSpool, manifest: Manifest, work: list[int], stage: str = "transcode") -> int:
-    """Write one small work file per batch, so a task never parses the whole manifest."""
+def write_batches(spool: JobSpool, manifest: Manifest, work: list[int], stage: str = "transcode",
+                  first: int = 0) -> int:
+    """Write one small work file per batch (from batch ``first`` on), so a task never parses the
+    whole manifest; return the number of batches."""
     batch_size = int(manifest.options.get("batch_size") or get_settings().batch_size)
     batches = manifest.batches(batch_size, work)
-    for number, indices in enumerate(batches):
-        write_json(spool.batch_path(stage, number), [asdict(manifest.instances[i]) for i in indices])
+    for number, indices in enumerate(batches[first:], first):
+        # as_json, not asdict: the same JSON without deep-copying every instance's attributes.
+        write_json(spool.batch_path(stage, number), [as_json(manifest.instances[i]) for i in indices])
     return len(batches)
 
 
-def read_medium(location: str | Path) -> MediaScan:
+def read_medium(location: str | Path, on_found: Callable[[FoundInstance], None] | None = None) -> MediaScan:
     """Everything scan learns from a medium: instances (headers only) and problems."""
     settings = get_settings()
     with open_medium(Path(location)) as medium:
-        return scan_medium(medium, max_pixels=settings.max_pixels_per_instance)
+        return scan_medium(medium, max_pixels=settings.max_pixels_per_instance, on_found=on_found)
+
+
+class ImportPlanner:
+    """Builds the import manifest one found instance at a time: grouping, the studies asked for,
+    reconciliation edits; each batch goes to ``on_batch(number, instances)`` as soon as it is full,
+    so storing starts while the rest of the medium is still being read."""
+
+    def __init__(self, job_id: str, request: dict[str, Any], lookup: PatientLookup | None = None,
+                 on_batch: Callable[[int, list[Instance]], None] | None = None) -> None:
+        self.rules = load_rules(Path(request["rules"]) if request.get("rules") else None)
+        self.builder = ManifestBuilder(job_id, "import", request)
+        self.batch_count = 0
+        self._lookup, self._on_batch = lookup, on_batch
+        self._wanted = set(request.get("studies") or [])
+        self._batch_size = int(request.get("batch_size") or get_settings().batch_size)
+        self._patient_edits: dict[int, dict[str, str]] = {}
+        self._batch: list[Instance] = []
+
+    def add(self, item: FoundInstance) -> None:
+        if self._wanted and item.study_instance_uid not in self._wanted:
+            return
+        instance = self.builder.add(item.path, item.size, item.header, item.transfer_syntax)
+        instance.action = "copy" if item.has_preamble else "rewrite"
+        if instance.patient not in self._patient_edits:
+            self._patient_edits[instance.patient] = plan_patient_edits(item.header, self.rules, self._lookup)
+        instance.edits = {**self._patient_edits[instance.patient], **plan_instance_edits(item.header, self.rules)}
+        self._batch.append(instance)
+        if len(self._batch) == self._batch_size:
+            self._close_batch()
+
+    def _close_batch(self) -> None:
+        if self._batch:
+            if self._on_batch is not None:
+                self._on_batch(self.batch_count, self._batch)
+            self.batch_count += 1
+            self._batch = []
+
+    def finish(self, found: MediaScan) -> Manifest:
+        """The manifest, once the whole medium is read: the last batch closed, problems listed."""
+        self._close_batch()
+        manifest = self.builder.manifest
+        for problem in found.problems:
+            entry = {"file": problem.file, "reason": problem.reason}
+            if problem.severity == "error":
+                manifest.skipped.append({**entry, "kind": "refused"})
+            elif problem.reason.startswith("skipped"):
+                manifest.skipped.append({**entry, "kind": "not-dicom"})
+            else:
+                manifest.notes.append(entry)
+        manifest.options.update(syntaxes=found.syntaxes(), used_dicomdir=found.used_dicomdir,
+                                dicomdir_problems=found.dicomdir_problems, reason=self.rules.reason)
+        return manifest
 
 
 def build_import_manifest(job_id: str, request: dict[str, Any], found: MediaScan,
                           lookup: PatientLookup | None = None) -> Manifest:
     """Group what the medium holds, keep the studies asked for, and plan reconciliation edits."""
-    rules = load_rules(Path(request["rules"]) if request.get("rules") else None)
-    builder = ManifestBuilder(job_id, "import", request)
-    for problem in found.problems:
-        entry = {"file": problem.file, "reason": problem.reason}
-        if problem.severity == "error":
-            builder.manifest.skipped.append({**entry, "kind": "refused"})
-        elif problem.reason.startswith("skipped"):
-            builder.manifest.skipped.append({**entry, "kind": "not-dicom"})
-        else:
-            builder.manifest.notes.append(entry)
-    wanted = set(request.get("studies") or [])
-    patient_edits: dict[int, dict[str, str]] = {}
+    planner = ImportPlanner(job_id, request, lookup)
     for item in found.instances:
-        if wanted and item.study_instance_uid not in wanted:
-            continue
-        instance = builder.add(item.path, item.size, item.header, item.transfer_syntax)
-        instance.action = "copy" if item.has_preamble else "rewrite"
-        if instance.patient not in patient_edits:
-            patient_edits[instance.patient] = plan_patient_edits(item.header, rules, lookup)
-        instance.edits = {**patient_edits[instance.patient], **plan_instance_edits(item.header, rules)}
-    manifest = builder.manifest
-    manifest.options.update(syntaxes=found.syntaxes(), used_dicomdir=found.used_dicomdir,
-                            dicomdir_problems=found.dicomdir_problems, reason=rules.reason)
-    return manifest
+        planner.add(item)
+    return planner.finish(found)
 
 
-def scan_import(spool: JobSpool) -> Manifest:
+def scan_import(spool: JobSpool, on_batch: Callable[[int, list[Instance]], None] | None = None) -> Manifest:
+    """Read the medium into the manifest; with ``on_batch``, each full batch is handed on at once."""
     request: dict[str, Any] = spool.read(REQUEST)
-    found = read_medium(request["medium"])
-    manifest = build_import_manifest(spool.job_id, request, found)
-    spool.write(REQUEST, {**request, "reason": manifest.options["reason"]})
+    planner = ImportPlanner(spool.job_id, request, on_batch=on_batch)
+    spool.write(REQUEST, {**request, "reason": planner.rules.reason})  # before any batch task reads it
+    manifest = planner.finish(read_medium(request["medium"], planner.add))
     spool.write("manifest.json", manifest.to_json())
     return manifest
 
@@ -159,27 +194,45 @@ def scan_import(spool: JobSpool) -> Manifest:
 def scan_import_task(self, job_id: str):
     ensure_not_cancelled(self, job_id)
     spool = JobSpool(get_settings().spool_dir, job_id)
+    send = spool.read(REQUEST).get("send", "negotiate")
+    started: list[int] = []
+
+    def store_at_once(number: int, instances: list[Instance]) -> None:
+        write_json(spool.batch_path("store", number), [as_json(instance) for instance in instances])
+        batch_canvas(job_id, number, send).apply_async()
+        started.append(number)
+
     with stage_timer(self, job_id, "scan") as timing:
-        manifest = scan_import(spool)
+        manifest = scan_import(spool, store_at_once)
         timing.count(len(manifest.instances), manifest.source_bytes(), 0)
-    batch_count = write_batches(spool, manifest, [i.index for i in manifest.instances], "store")
+    last = write_batches(spool, manifest, [i.index for i in manifest.instances], "store", first=len(started))
     broker = self.app.conf.broker_url
     progress.set_total(broker, job_id, "transcode", len(manifest.instances))
     progress.set_total(broker, job_id, "store", len(manifest.instances))
-    return self.replace(import_canvas(job_id, batch_count))
+    return self.replace(import_canvas(job_id, last, send, first=len(started)))
 
 
-def import_canvas(job_id: str, batch_count: int):
-    """(prepare[batch] -> store[batch]) for each batch -> finish."""
+def batch_canvas(job_id: str, number: int, send: str):
+    """One import batch: prepare (on the transcode queue, it may decode) -> store when the send
+    mode decompresses; else prepare and store in one task on the store queue."""
     from celery import chain
-    from tasks.store import finish_import_task, store_batch_task
+    from tasks.store import import_batch_task, store_batch_task
     from tasks.transcode import prepare_import_batch_task
 
-    if not batch_count:
+    if send != "uncompressed":
+        return import_batch_task.si(job_id, number)
+    return chain(prepare_import_batch_task.si(job_id, number), store_batch_task.si(job_id, number))
+
+
+def import_canvas(job_id: str, batch_count: int, send: str, first: int = 0):
+    """Each batch ``first`` .. ``batch_count - 1`` (:func:`batch_canvas`) -> finish.
+
+    Batches before ``first`` were started by the scan already; finish waits for their outcomes."""
+    from tasks.store import finish_import_task
+
+    if batch_count <= first:
         return finish_import_task.si([], job_id)
-    header = [chain(prepare_import_batch_task.si(job_id, n), store_batch_task.si(job_id, n))
-              for n in range(batch_count)]
-    return chord(header, finish_import_task.s(job_id))
+    return chord([batch_canvas(job_id, n, send) for n in range(first, batch_count)], finish_import_task.s(job_id))
 
 
 @app.task(bind=True, name="discflow.scan.resume")
@@ -193,5 +246,6 @@ def resume_job_task(self, job_id: str, kind: str):
     stage = "transcode" if kind == "export" else "store"
     batch_count = len(list((spool.path / "batches" / stage).glob("*.json")))
     progress.restart(self.app.conf.broker_url, job_id)
-    build = export_canvas if kind == "export" else import_canvas
-    return self.replace(build(job_id, batch_count))
+    if kind == "export":
+        return self.replace(export_canvas(job_id, batch_count))
+    return self.replace(import_canvas(job_id, batch_count, spool.read(REQUEST).get("send", "negotiate")))

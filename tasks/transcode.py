@@ -8,7 +8,7 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian
 
 from tasks import transfer_syntax
-from tasks.decode_guard import DecodeGuardError, guarded
+from tasks.decode_guard import DecodeGuardError, guarded, guarded_each
 from tasks.manifest import Instance
 from tasks.media_source import MediaError, Medium, RefusedFile, extract, open_medium
 from tasks.reconcile import apply_edits
@@ -97,24 +97,53 @@ def _write_edited(path: Path, instance: Instance, reason: str) -> None:
         dataset.save_as(handle, enforce_file_format=True)
 
 
+def _failure_reason(error: Exception) -> str:
+    """The reason an instance is reported with: the message of the errors that name the file and
+    say why, the type and the message of any other."""
+    if isinstance(error, (transfer_syntax.ConversionError, RefusedFile, MediaError, DecodeGuardError)):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+def _needs_decode(instance: Instance, send: str) -> bool:
+    return send == "uncompressed" and transfer_syntax.needs_conversion(instance.transfer_syntax,
+                                                                      ExplicitVRLittleEndian)
+
+
+def _extract_instance(medium: Medium, spool: JobSpool, instance: Instance, reason: str) -> tuple[Path, int]:
+    """Take the instance off the medium into the spool and apply its reconciliation edits (no decode)."""
+    extracted = _imported_path(spool, instance.index)
+    size = extract(medium, instance.source, extracted, max_bytes=instance.size)
+    if instance.action == "rewrite" and not instance.edits:
+        transfer_syntax.rewrite_part10(extracted, extracted)
+    elif instance.edits or instance.action == "rewrite":
+        _write_edited(extracted, instance, reason)
+    return extracted, size
+
+
+def _prepared(spool: JobSpool, instance: Instance, size: int, decoded: tuple[bool, str] | None = None) -> Outcome:
+    """The outcome of an extracted instance: as extracted, or its decode's ``(True, syntax)`` or
+    ``(False, reason)``."""
+    if decoded is None:
+        path, syntax = _imported_path(spool, instance.index), instance.transfer_syntax
+    elif decoded[0]:
+        path, syntax = _imported_path(spool, instance.index, "-raw"), decoded[1]
+    else:
+        return Outcome(instance.index, False, reason=decoded[1], bytes_in=instance.size)
+    return Outcome(instance.index, True, str(path), syntax, instance.sop_instance_uid, size, path.stat().st_size)
+
+
 def prepare_import_instance(medium: Medium, spool: JobSpool, instance: Instance, send: str,
                             reason: str) -> Outcome:
-    extracted = _imported_path(spool, instance.index)
     try:
-        size = extract(medium, instance.source, extracted, max_bytes=instance.size)
-        if instance.action == "rewrite" and not instance.edits:
-            transfer_syntax.rewrite_part10(extracted, extracted)
-        elif instance.edits or instance.action == "rewrite":
-            _write_edited(extracted, instance, reason)
-        path, syntax = extracted, instance.transfer_syntax
-        if send == "uncompressed" and transfer_syntax.needs_conversion(syntax, ExplicitVRLittleEndian):
-            path = _imported_path(spool, instance.index, "-raw")
-            syntax = _guarded_decode(extracted, path, instance.source)
-    except (transfer_syntax.ConversionError, RefusedFile, MediaError, DecodeGuardError) as error:
-        return Outcome(instance.index, False, reason=str(error), bytes_in=instance.size)
+        extracted, size = _extract_instance(medium, spool, instance, reason)
+        decoded = None
+        if _needs_decode(instance, send):
+            decoded = True, _guarded_decode(extracted, _imported_path(spool, instance.index, "-raw"),
+                                            instance.source)
     except Exception as error:  # noqa: BLE001 — one bad file must not fail its batch
-        return Outcome(instance.index, False, reason=f"{type(error).__name__}: {error}", bytes_in=instance.size)
-    return Outcome(instance.index, True, str(path), syntax, instance.sop_instance_uid, size, path.stat().st_size)
+        return Outcome(instance.index, False, reason=_failure_reason(error), bytes_in=instance.size)
+    return _prepared(spool, instance, size, decoded)
 
 
 def _guarded_decode(source: Path, destination: Path, label: str) -> str:
@@ -130,17 +159,73 @@ def _guarded_decode(source: Path, destination: Path, label: str) -> str:
         raise
 
 
+def _decode(source: Path, destination: Path) -> str:
+    """One decode in the batch's guarded child (module level: monkeypatching convert_file reaches it)."""
+    return transfer_syntax.convert_file(source, destination, ExplicitVRLittleEndian).transfer_syntax
+
+
+def _guarded_decodes(decodes: list[tuple[Path, Path, str]]) -> list[tuple[bool, str]]:
+    """``(True, syntax)`` or ``(False, reason)`` for each ``(source, destination, label)``: all in one
+    guarded child (tasks.decode_guard.guarded_each: the time limit per file, the memory limit for the
+    child), a file's own error a reason, the others go on. Only if that child dies as a whole (a
+    time or memory limit, a crash) is each decode redone in a child of its own, so that the file
+    that did it is named and refused exactly as prepare_import_instance would."""
+    settings = get_settings()
+    if len(decodes) > 1:
+        try:
+            return guarded_each(_decode, [(source, destination) for source, destination, _ in decodes],
+                                seconds=settings.decode_timeout_seconds, memory_bytes=settings.decode_memory_bytes,
+                                label=f"{len(decodes)} decodes from {decodes[0][2]}", describe=_failure_reason)
+        except Exception:  # noqa: BLE001 — not knowing which file did it, ask each on its own
+            for _, destination, _ in decodes:
+                destination.with_name(f".{destination.name}.part").unlink(missing_ok=True)
+    results = []
+    for source, destination, label in decodes:
+        try:
+            results.append((True, _guarded_decode(source, destination, label)))
+        except Exception as error:  # noqa: BLE001 — one bad file must not fail its batch
+            results.append((False, _failure_reason(error)))
+    return results
+
+
+def prepare_import_instances(medium: Medium, spool: JobSpool, instances: list[Instance], send: str,
+                             reason: str) -> dict[int, Outcome]:
+    """prepare_import_instance for each instance, by index, with the same outcomes and reasons, but
+    the decodes (``send == "uncompressed"``) of all of them in one guarded child, not one each."""
+    outcomes: dict[int, Outcome] = {}
+    extracted: list[tuple[Instance, Path, int]] = []
+    for instance in instances:
+        try:
+            path, size = _extract_instance(medium, spool, instance, reason)
+        except Exception as error:  # noqa: BLE001 — one bad file must not fail its batch
+            outcomes[instance.index] = Outcome(instance.index, False, reason=_failure_reason(error),
+                                               bytes_in=instance.size)
+            continue
+        if _needs_decode(instance, send):
+            extracted.append((instance, path, size))
+        else:
+            outcomes[instance.index] = _prepared(spool, instance, size)
+    decoded = _guarded_decodes([(path, _imported_path(spool, instance.index, "-raw"), instance.source)
+                                for instance, path, _ in extracted])
+    for (instance, _, size), result in zip(extracted, decoded, strict=True):
+        outcomes[instance.index] = _prepared(spool, instance, size, result)
+    return outcomes
+
+
 def prepare_import_batch(spool: JobSpool, number: int) -> list[Outcome]:
     """Extract (and reconcile, convert) one batch; instances already prepared are not redone."""
     outcome_path = spool.outcome_path("transcode", number)
     instances = [Instance(**i) for i in read_json(spool.batch_path("store", number))]
-    if outcome_path.exists() and all(o["ok"] for o in read_json(outcome_path)):
-        return [Outcome(**o) for o in read_json(outcome_path)]
+    previous = read_json(outcome_path) if outcome_path.exists() else None
+    if previous is not None and all(o["ok"] for o in previous):
+        return [Outcome(**o) for o in previous]
+    prepared = {o["index"] for o in previous or [] if o["ok"]}  # as redo_failed: only the failed are redone
     request = read_json(spool.path / "request.json")
     send, reason = request.get("send", "negotiate"), request.get("reason", "COERCE")
     with open_medium(Path(request["medium"])) as medium:
-        return redo_failed(outcome_path, instances,
-                           lambda instance: prepare_import_instance(medium, spool, instance, send, reason))
+        outcomes = prepare_import_instances(medium, spool, [i for i in instances if i.index not in prepared],
+                                            send, reason)
+    return redo_failed(outcome_path, instances, lambda instance: outcomes[instance.index])
 
 
 @app.task(bind=True, name="discflow.transcode.prepare_import")

@@ -1,6 +1,7 @@
 """tasks.decode_guard: one decode in a child process, stopped at a time and a memory limit."""
 from __future__ import annotations
 
+import io
 import os
 import resource
 import signal
@@ -13,7 +14,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from tasks import transfer_syntax
-from tasks.decode_guard import DecodeCrashError, DecodeGuardError, DecodeLimitError, guarded
+from tasks.decode_guard import DecodeCrashError, DecodeGuardError, DecodeLimitError, guarded, guarded_each
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -282,3 +283,228 @@ def test_import_decode_that_balloons_is_stopped_and_named(import_spool, monkeypa
     assert not outcome.ok
     assert outcome.reason.startswith("I0000001: decoding exceeded the 1024 MB memory limit"), outcome.reason
 
+
+
+# --- many decodes in one child (guarded_each) -------------------------------------------------
+
+def divide(a: int, b: int) -> float:
+    return a / b
+
+
+def allocate_wrapped(size: int) -> int:
+    try:
+        return allocate(size)
+    except Exception as error:  # as transfer_syntax._decode wraps plugin failures
+        raise transfer_syntax.ConversionError(f"cannot decode the Pixel Data: {error}") from error
+
+
+def test_guarded_each_runs_every_call_in_one_child_and_describes_each_error():
+    results = guarded_each(divide, [(6, 3), (1, 0), (8, 2)], seconds=5, memory_bytes=GB, label="x")
+    assert results == [(True, 2), (False, "ZeroDivisionError: division by zero"), (True, 4)]
+    pids = guarded_each(os.getpid, [(), (), ()], seconds=5, memory_bytes=GB, label="x")
+    assert len({pid for _, pid in pids}) == 1 and pids[0][1] != os.getpid()
+    assert guarded_each(divide, [], seconds=5, memory_bytes=GB, label="x") == []
+
+
+def test_guarded_each_stops_a_call_at_its_own_time_limit_not_the_batch_s():
+    started = time.monotonic()
+    with pytest.raises(DecodeLimitError, match=r"^10 calls: decoding exceeded"):
+        guarded_each(time.sleep, [(0,)] * 3 + [(3600,)] + [(0,)] * 6, seconds=1, memory_bytes=GB, label="10 calls")
+    elapsed = time.monotonic() - started
+    assert elapsed < 4.0, f"stopped after {elapsed:.2f} s (the batch's limit is 10 s)"
+
+
+def test_guarded_each_memory_limit_or_crash_ends_the_whole_child():
+    with pytest.raises(DecodeLimitError, match=r"^b: decoding exceeded the 1024 MB memory limit"):
+        guarded_each(allocate, [(1,), (4 * GB,), (1,)], seconds=30, memory_bytes=GB, label="b")
+    with pytest.raises(DecodeLimitError, match="memory limit"):  # wrapped by the decoder: still the limit
+        guarded_each(allocate_wrapped, [(1,), (4 * GB,)], seconds=30, memory_bytes=GB, label="c")
+    with pytest.raises(DecodeCrashError, match=r"^b: the decoding process died of SIGSEGV"):
+        guarded_each(crash, [(), ()], seconds=10, memory_bytes=GB, label="b")
+    with pytest.raises(RuntimeError, match="SystemExit while decoding"):
+        guarded_each(os.sys.exit, [(3,)], seconds=10, memory_bytes=GB, label="b")
+
+
+# --- a batch of the import: its decodes in one child -------------------------------------------
+
+GOOD = 5
+"""Good JPEG-LS instances in the batch medium, besides the bad ones."""
+
+
+def _retagged(name: str, uid: str) -> bytes:
+    """A real compressed instance under a new SOP Instance UID (pixel data untouched)."""
+    dataset = pydicom.dcmread(get_testdata_file(name))
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = uid
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _codestream_field(name: str, marker: bytes, offset: int, value: bytes) -> bytes:
+    """A real instance with ``value`` written ``offset`` bytes after ``marker`` in its first frame
+    (what the fuzz found: a decoder that crashes or takes all memory), under a new UID."""
+    data = bytearray(_retagged(name, pydicom.uid.generate_uid()))
+    start = data.index(marker, data.index(b"\xe0\x7f\x10\x00"))
+    data[start + offset:start + offset + len(value)] = value
+    return bytes(data)
+
+
+BAD = {
+    "BADSEGV": ("MR_small_jpeg_ls_lossless.dcm", b"\xff\xf7", 7, b"\x00\x00"),  # width 0: SIGSEGV in GDCM
+    "BADABRT": ("MR_small_jpeg_ls_lossless.dcm", b"\xff\xf7", 4, b"\xfd"),  # precision 253: SIGABRT in GDCM
+    "BADMEMORY": ("JPEG-LL.dcm", b"\xff\xc3", 5, b"\x00\x00"),  # height 0: libjpeg takes all memory
+}
+
+
+@pytest.fixture
+def batch_medium(tmp_path, monkeypatch):
+    """A folder medium with GOOD JPEG-LS instances and the BAD ones; the guard's limits set small."""
+    from workers.settings import reload_settings
+
+    monkeypatch.setenv("DISCFLOW_DECODE_TIMEOUT_SECONDS", "2")
+    monkeypatch.setenv("DISCFLOW_DECODE_MEMORY_BYTES", str(GB))
+    reload_settings()
+    folder = tmp_path / "disc"
+    folder.mkdir()
+    for n in range(GOOD):
+        (folder / f"GOOD{n}").write_bytes(_retagged("MR_small_jpeg_ls_lossless.dcm", pydicom.uid.generate_uid()))
+    for name, field in BAD.items():
+        (folder / name).write_bytes(_codestream_field(*field))
+    yield folder
+    monkeypatch.undo()
+    reload_settings()
+
+
+def _batch_spool(folder: Path, root: Path, job: str):
+    """scan_import + write_batches, as the scan task does, all instances in batch 0."""
+    from tasks.scan import REQUEST, scan_import, write_batches
+    from tasks.spool import JobSpool
+
+    spool = JobSpool(root, job).create()
+    spool.write(REQUEST, {"medium": str(folder), "node": "x", "send": "uncompressed", "rules": None, "studies": [],
+                          "batch_size": 100})
+    manifest = scan_import(spool)
+    assert write_batches(spool, manifest, [i.index for i in manifest.instances], "store") == 1
+    return spool, manifest
+
+
+def _forks(monkeypatch) -> list[int]:
+    """Counts the forks made from now on (in this process)."""
+    forks, fork = [], os.fork
+    parent = os.getpid()
+
+    def counting():
+        if os.getpid() == parent:
+            forks.append(1)
+        return fork()
+
+    monkeypatch.setattr(os, "fork", counting)
+    return forks
+
+
+def test_import_batch_decodes_in_one_child(batch_medium, tmp_path, monkeypatch):
+    from tasks.transcode import prepare_import_batch
+
+    for name in BAD:
+        (batch_medium / name).unlink()
+    spool, manifest = _batch_spool(batch_medium, tmp_path / "spool", "job")
+    forks = _forks(monkeypatch)
+    outcomes = prepare_import_batch(spool, 0)
+    assert len(forks) == 1, f"{len(forks)} children for a batch of {GOOD}"
+    assert len(outcomes) == GOOD and all(o.ok for o in outcomes), [o.reason for o in outcomes]
+    source = pydicom.dcmread(get_testdata_file("MR_small_jpeg_ls_lossless.dcm")).pixel_array
+    for outcome in outcomes:
+        assert outcome.transfer_syntax == transfer_syntax.EXPLICIT_VR_LITTLE_ENDIAN
+        assert outcome.path.endswith("-raw.dcm")
+        assert np.array_equal(pydicom.dcmread(outcome.path).pixel_array, source)
+
+
+def test_import_batch_with_crashing_files_prepares_the_good_ones_and_names_the_bad(batch_medium, tmp_path,
+                                                                                    monkeypatch):
+    """One child for the batch dies (a crash, the memory limit): each decode is redone in a child of
+    its own, and the outcomes are those of prepare_import_instance one by one, reasons and all."""
+    from tasks import transcode
+    from tasks.media_source import open_medium
+    from tasks.spool import read_json
+
+    spool, manifest = _batch_spool(batch_medium, tmp_path / "spool", "job")
+    outcomes = {manifest.instances[o.index].source: o for o in transcode.prepare_import_batch(spool, 0)}
+    assert set(outcomes) == {f"GOOD{n}" for n in range(GOOD)} | set(BAD)
+    for name, outcome in outcomes.items():
+        if name.startswith("GOOD"):
+            assert outcome.ok and outcome.transfer_syntax == transfer_syntax.EXPLICIT_VR_LITTLE_ENDIAN, outcome
+        else:
+            assert not outcome.ok
+            assert outcome.reason.startswith(f"{name}: ") and "decoding" in outcome.reason, outcome.reason
+    assert "died of SIGSEGV" in outcomes["BADSEGV"].reason
+    assert "died of SIGABRT" in outcomes["BADABRT"].reason
+    assert not list(spool.path.rglob("*.part")), "a killed decode left a temp file in the spool"
+
+    # The same instances one by one, each decode in its own child (the per-instance path).
+    alone, _ = _batch_spool(batch_medium, tmp_path / "spool", "alone")
+    with open_medium(batch_medium) as medium:
+        for instance in manifest.instances:
+            one = transcode.prepare_import_instance(medium, alone, instance, "uncompressed", "COERCE")
+            batch = outcomes[instance.source]
+            assert (one.ok, one.transfer_syntax, one.sop_instance_uid, one.bytes_in, one.bytes_out) == \
+                   (batch.ok, batch.transfer_syntax, batch.sop_instance_uid, batch.bytes_in, batch.bytes_out)
+            if instance.source != "BADMEMORY":  # the time or the memory limit, whichever comes first
+                assert one.reason == batch.reason
+
+    # A rerun redoes only what failed: the three bad ones, not the good ones.
+    recorded = read_json(spool.outcome_path("transcode", 0))
+    asked = []
+    prepare = transcode.prepare_import_instances
+    monkeypatch.setattr(transcode, "prepare_import_instances",
+                        lambda medium, spool, instances, *rest: asked.extend(i.source for i in instances)
+                        or prepare(medium, spool, instances, *rest))
+    again = transcode.prepare_import_batch(spool, 0)
+    assert sorted(asked) == sorted(BAD)
+    assert [o for o in read_json(spool.outcome_path("transcode", 0)) if o["ok"]] == \
+           [o for o in recorded if o["ok"]]
+    assert [o.ok for o in again] == [o["ok"] for o in recorded]
+
+
+def _fail_one(fails: str, hang: bool):
+    original = transfer_syntax.convert_file
+
+    def convert_file(source, destination, target, **options):
+        if Path(source).name == fails:
+            if hang:
+                _hang()
+            raise transfer_syntax.ConversionError(f"cannot decode {fails}")
+        return original(source, destination, target, **options)
+
+    return convert_file
+
+
+def test_import_batch_one_file_s_error_leaves_the_others_in_the_same_child(batch_medium, tmp_path, monkeypatch):
+    from tasks.transcode import prepare_import_batch
+
+    for name in BAD:
+        (batch_medium / name).unlink()
+    spool, manifest = _batch_spool(batch_medium, tmp_path / "spool", "job")
+    monkeypatch.setattr(transfer_syntax, "convert_file", _fail_one("00000002.dcm", hang=False))
+    forks = _forks(monkeypatch)
+    outcomes = prepare_import_batch(spool, 0)
+    assert len(forks) == 1, "an ordinary error of one file made the batch redo its decodes one by one"
+    assert [o.ok for o in outcomes] == [o.index != 2 for o in outcomes]
+    assert outcomes[2].reason == "cannot decode 00000002.dcm"
+
+
+def test_import_batch_with_a_hanging_file_is_stopped_at_the_per_file_limit(batch_medium, tmp_path, monkeypatch):
+    """The batch's child is stopped when one file runs past the per-file limit (2 s), not after
+    2 s x the batch; the redo one by one then names the file."""
+    from tasks.transcode import prepare_import_batch
+
+    for name in BAD:
+        (batch_medium / name).unlink()
+    spool, manifest = _batch_spool(batch_medium, tmp_path / "spool", "job")
+    monkeypatch.setattr(transfer_syntax, "convert_file", _fail_one("00000003.dcm", hang=True))
+    started = time.monotonic()
+    outcomes = prepare_import_batch(spool, 0)
+    elapsed = time.monotonic() - started
+    assert [o.ok for o in outcomes] == [o.index != 3 for o in outcomes]
+    assert outcomes[3].reason == f"{manifest.instances[3].source}: decoding exceeded 2 s; stopped"
+    assert elapsed < 2 * GOOD, f"{elapsed:.1f} s: the batch's child was not stopped at the per-file limit"
+    assert not list(spool.path.rglob("*.part"))

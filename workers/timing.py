@@ -69,13 +69,17 @@ def _published_at(task) -> float | None:
 
 
 @contextmanager
-def stage_timer(task, job_id: str, stage: str) -> Iterator[TaskTiming]:
-    """Time one task run; the body adds instance and byte counts to the yielded record."""
+def stage_timer(task, job_id: str, stage: str, part: str = "") -> Iterator[TaskTiming]:
+    """Time one task run; the body adds instance and byte counts to the yielded record.
+
+    A task that runs two stages times each with its own ``part``: records are keyed by task id
+    and name, so the part is appended to the name (``discflow.store.import_batch:prepare``)."""
     started = time.time()
     published = _published_at(task)
     request = getattr(task, "request", None)
+    name = (getattr(task, "name", "") or "") + (f":{part}" if part else "")
     record = TaskTiming(job_id=job_id, stage=stage, task_id=getattr(request, "id", None) or "", started=started,
-                        name=getattr(task, "name", "") or "", worker=getattr(request, "hostname", None) or "",
+                        name=name, worker=getattr(request, "hostname", None) or "",
                         queue_wait=max(0.0, started - published) if published else 0.0)
     try:
         yield record

@@ -1,0 +1,89 @@
+"""Manifest JSON: subset_json and Manifest.to_json give what the Dataset and asdict forms gave."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom import Dataset
+from pydicom.data import get_charset_files, get_testdata_file
+from pydicom.datadict import keyword_for_tag
+
+from tasks.manifest import (INSTANCE_KEYWORDS, PATIENT_KEYWORDS, SERIES_KEYWORDS, STUDY_KEYWORDS, Manifest,
+                            ManifestBuilder, as_json, subset_json)
+
+# CT, MR, RT plan/structures/dose, SR (also with empty IS/DS), palette and RGB colour, multi-frame,
+# big endian, deflated, no file meta, waveform, nested private sequences, an AT inside a sequence,
+# and character sets with ideographic and phonetic person names.
+TEST_FILES = (
+    "CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "rtstruct.dcm", "rtdose.dcm", "reportsi.dcm",
+    "reportsi_with_empty_number_tags.dcm", "examples_palette.dcm", "SC_rgb.dcm", "emri_small.dcm",
+    "ExplVR_BigEnd.dcm", "image_dfl.dcm", "no_meta.dcm", "waveform_ecg.dcm", "nested_priv_SQ.dcm",
+    "JPEG2000-embedded-sequence-delimiter.dcm",
+)
+CHARSET_FILES = ("chrH31.dcm", "chrX1.dcm", "chrSQEncoding.dcm", "chrJapMulti.dcm", "chrKoreanMulti.dcm")
+LEVEL_KEYWORDS = (PATIENT_KEYWORDS, STUDY_KEYWORDS, SERIES_KEYWORDS, INSTANCE_KEYWORDS)
+
+
+def _path(name: str) -> str:
+    if name.startswith("chr"):
+        return get_charset_files(name)[0]
+    return get_testdata_file(name)
+
+
+def _read(name: str) -> Dataset:
+    # Pixel data included, so binary (OB/OW) values are compared too.
+    return pydicom.dcmread(_path(name), force=True)
+
+
+def _dataset_subset_json(dataset: Dataset, keywords: tuple[str, ...]) -> dict[str, Any]:
+    """The conversion subset_json replaced: a Dataset of just these elements, then to_json_dict."""
+    part = Dataset()
+    for keyword in keywords:
+        if keyword in dataset:
+            part[keyword] = dataset[keyword]
+    return part.to_json_dict(bulk_data_threshold=1 << 20, bulk_data_element_handler=None)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))  # as the spool writes it; key order counts
+
+
+@pytest.mark.parametrize("name", TEST_FILES + CHARSET_FILES)
+def test_subset_json_equals_the_dataset_conversion(name: str) -> None:
+    every = tuple(keyword for keyword in map(keyword_for_tag, _read(name).keys()) if keyword)
+    for keywords in (*LEVEL_KEYWORDS, every, every[::-1]):
+        # A fresh read each: converting an element changes the dataset it came from.
+        assert _dumps(subset_json(_read(name), keywords)) == _dumps(_dataset_subset_json(_read(name), keywords))
+
+
+def test_subset_json_leaves_out_keywords_without_a_tag() -> None:
+    dataset = _read("CT_small.dcm")
+    assert subset_json(dataset, ("OverlayRows", "Modality")) == {"00080060": {"vr": "CS", "Value": ["CT"]}}
+
+
+def _manifest() -> Manifest:
+    builder = ManifestBuilder("unit", "import", {"batch_size": 2, "nested": [{"a": None}]})
+    for name in TEST_FILES + CHARSET_FILES:
+        dataset = _read(name)
+        if all(dataset.get(keyword) for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
+                                                     "SeriesInstanceUID")):
+            builder.add(_path(name), 1, dataset, "1.2.840.10008.1.2.1")
+        else:
+            builder.skip(_path(name), "missing UIDs")
+    builder.manifest.notes.append({"file": "x", "reason": "duplicate"})
+    builder.manifest.instances[0].edits = {"PatientID": "LOCAL-1"}
+    builder.manifest.instances[1].target_syntax = "1.2.840.10008.1.2.4.70"
+    return builder.manifest
+
+
+def test_manifest_json_equals_asdict() -> None:
+    manifest = _manifest()
+    assert len(manifest.instances) > 10 and manifest.skipped
+    assert _dumps(manifest.to_json()) == _dumps(asdict(manifest))
+    for instance in manifest.instances:
+        assert _dumps(as_json(instance)) == _dumps(asdict(instance))
+    again = Manifest.from_json(json.loads(_dumps(manifest.to_json())))
+    assert _dumps(again.to_json()) == _dumps(manifest.to_json())

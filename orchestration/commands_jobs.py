@@ -144,17 +144,17 @@ def resume(
         _fail("--detach needs workers that outlive this command: set DISCFLOW_BROKER_URL")
     started = time.monotonic()
     try:
-        with runtime():
+        with runtime():  # the report is printed before the embedded default (if any) is stopped
             run_id = resume_job(job_id)
             if detach:
                 typer.echo(json.dumps({"job_id": job_id, "run": run_id, "status": "queued"}) if as_json else run_id)
                 raise typer.Exit(0)
             summary = follow(job_id, job.kind, as_json, started, run_id)
+            _report(summary, as_json, f"{job.kind} (resumed)")
     except JobCancelledError as error:
         _fail(str(error), EXIT_CODES["cancelled"])
     except (JobFailed, EmbeddedBrokerError) as error:
         _fail(str(error), 1)
-    _report(summary, as_json, f"{job.kind} (resumed)")
 
 
 @cli.command()
@@ -190,13 +190,14 @@ def batch(
         if not detached:
             for entry in submitted:
                 entry["status"] = _wait_quietly(entry["job_id"])
-    if as_json:
-        typer.echo(json.dumps(submitted, indent=2))
-    else:
-        for entry in submitted:
-            typer.echo("\t".join(str(entry.get(key, "queued")) for key in ("job_id", "kind", "status")))
-    failed = [e for e in submitted if e.get("status") not in (None, "succeeded")]
-    raise typer.Exit(1 if not detached and failed else 0)
+        # reported before the embedded default (if any) is stopped
+        if as_json:
+            typer.echo(json.dumps(submitted, indent=2))
+        else:
+            for entry in submitted:
+                typer.echo("\t".join(str(entry.get(key, "queued")) for key in ("job_id", "kind", "status")))
+        failed = [e for e in submitted if e.get("status") not in (None, "succeeded")]
+        raise typer.Exit(1 if not detached and failed else 0)
 
 
 def _wait_quietly(job_id: str) -> str:

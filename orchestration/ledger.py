@@ -6,7 +6,9 @@ twice (at-least-once delivery) leaves one row, not two.
 """
 from __future__ import annotations
 
+import ast
 import getpass
+import re
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -15,9 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, select, update
+from sqlalchemy import Engine, create_engine, event, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError, ProgrammingError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -61,8 +61,47 @@ def _engine(url: str) -> Engine:
     return engine
 
 
+def head_revisions() -> set[str] | None:
+    """The newest revision(s) in migrations/versions, read from the scripts' text (importing Alembic
+    costs half a second of every command's start); None when a script cannot be read that way."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for script in (MIGRATIONS / "versions").glob("*.py"):
+        source = script.read_text(encoding="utf-8")
+        revision = re.search(r"^revision\s*(?::[^=]*)?=\s*(.+)$", source, re.MULTILINE)
+        down = re.search(r"^down_revision\s*(?::[^=]*)?=\s*(.+)$", source, re.MULTILINE)
+        try:
+            revision_id = ast.literal_eval(revision.group(1).strip()) if revision else None
+            down_ids = ast.literal_eval(down.group(1).strip()) if down else None
+        except (ValueError, SyntaxError):
+            return None
+        if not isinstance(revision_id, str):
+            return None
+        revisions.add(revision_id)
+        parents.update([down_ids] if isinstance(down_ids, str) else (down_ids or ()))
+    return (revisions - parents) or None
+
+
+def schema_is_current(engine: Engine) -> bool:
+    """Whether alembic_version already names exactly the head revision(s): one cheap SELECT."""
+    heads = head_revisions()
+    if not heads:
+        return False
+    try:
+        with engine.connect() as connection:
+            stamped = {row[0] for row in connection.execute(text("SELECT version_num FROM alembic_version"))}
+    except (OperationalError, ProgrammingError):
+        return False  # no alembic_version table yet: a new database
+    return stamped == heads
+
+
 def upgrade_schema(engine: Engine) -> None:
     """Bring the schema to the newest Alembic revision; safe when several processes race to do it."""
+    if schema_is_current(engine):
+        return
+    from alembic import command
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     for attempt in range(5):

@@ -8,12 +8,13 @@
 """
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
 from dataclasses import asdict
 from typing import Any
 
-from celery.signals import task_failure, task_prerun
+from celery.signals import task_failure, task_prerun, worker_init
 
 from orchestration.job_outcome import record_finished_job
 from orchestration.ledger import Ledger
@@ -42,6 +43,14 @@ def record_timing(record: TaskTiming) -> None:
     _safely(Ledger().record_task, row)
     if record.name in FINISH_TASKS:
         _safely(record_finished_job, Ledger(), record.job_id)
+
+
+@worker_init.connect
+def _freeze_imports(**_: Any) -> None:
+    """Task modules are imported by now, before the pool forks: exempt them from the garbage
+    collector, so that it does not walk them in every child (copy-on-write pages stay shared) nor
+    once more when the worker exits (0.8 s of a warm shutdown)."""
+    gc.freeze()
 
 
 @task_prerun.connect

@@ -69,8 +69,8 @@ from tasks.spool import atomic_writer
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DirectoryEntry", "PROFILE_TRANSFER_SYNTAXES", "check_profile", "file_id_for", "group_entries",
-    "record_type", "write_dicomdir",
+    "DirectoryEntry", "PROFILE_TRANSFER_SYNTAXES", "RECORD_INSTANCE_KEYWORDS", "check_profile", "file_id_for",
+    "group_entries", "record_type", "write_dicomdir",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -286,6 +286,9 @@ def group_entries(entries: Iterable[DirectoryEntry]) -> list[PatientGroup]:
     patients: dict[tuple[str, str], PatientGroup] = {}
     seen_uids: dict[str, tuple[str, ...]] = {}
     seen_ids: set[tuple[str, ...]] = set()
+    # The entries of a series usually share its patient, study and series Datasets: read their
+    # keys once per such trio (keyed by identity; the entries keep the Datasets alive meanwhile).
+    level_keys: dict[tuple[int, int, int], tuple[str, str, tuple[str, str]]] = {}
     for entry in entries:
         where = "/".join(entry.file_id)
         if entry.file_id in seen_ids:
@@ -295,11 +298,14 @@ def group_entries(entries: Iterable[DirectoryEntry]) -> list[PatientGroup]:
             raise ValueError(f"SOP Instance UID {entry.sop_instance_uid} occurs twice: "
                              f"{'/'.join(seen_uids[entry.sop_instance_uid])} and {where}")
         seen_uids[entry.sop_instance_uid] = entry.file_id
-        study_uid = _text(entry.study, "StudyInstanceUID")
-        series_uid = _text(entry.series, "SeriesInstanceUID")
+        trio = (id(entry.patient), id(entry.study), id(entry.series))
+        keys = level_keys.get(trio)
+        if keys is None:
+            keys = level_keys[trio] = (_text(entry.study, "StudyInstanceUID"), _text(entry.series, "SeriesInstanceUID"),
+                                       patient_key(entry.patient))
+        study_uid, series_uid, key = keys
         if not study_uid or not series_uid:
             raise ValueError(f"{where}: Study and Series Instance UID are required")
-        key = patient_key(entry.patient)
         patient = patients.get(key)
         if patient is None:
             patient = patients[key] = PatientGroup(key, entry.patient)
@@ -390,6 +396,15 @@ _DEFAULTS: dict[str, Callable[[Sequence[Dataset]], str]] = {
     "VerificationFlag": lambda d: "UNVERIFIED",   # the conservative claim
     "MIMETypeOfEncapsulatedDocument": lambda d: "application/octet-stream",
 }
+
+RECORD_INSTANCE_KEYWORDS: frozenset[str] = frozenset(
+    {keyword for keys in _LEAF_KEYS.values() for keyword, _ in keys}
+    | {*_DATE_SOURCES, *_TIME_SOURCES, "VerifyingObserverSequence"})
+"""Every attribute of :attr:`DirectoryEntry.instance` that the records read: the leaf keys, the
+sources of their stand-ins (:data:`_DEFAULTS`, the study date and time fallbacks) and what a
+VERIFIED SR's Verification DateTime comes from. A caller may build ``instance`` from just these
+(tasks.media does: converting the whole header subset was most of a volume's time); keep this
+set in step with what the record code reads from ``instance``."""
 
 
 def _has_value(dataset: Dataset, keyword: str) -> bool:

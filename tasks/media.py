@@ -12,15 +12,17 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import asdict
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from celery import chord
 from pydicom import config
+from pydicom.datadict import tag_for_keyword
 
 from tasks.burn import BurnError, VolumeToBurn, handoff_to_robot, sha256_file, write_folder_checksums, \
     write_image_checksum
-from tasks.dicomdir import DirectoryEntry, file_id_for, write_dicomdir
+from tasks.dicomdir import RECORD_INSTANCE_KEYWORDS, DirectoryEntry, file_id_for, write_dicomdir
 from tasks.disc_index import attach_web_content, index_html, readme_text, summarize
 from tasks.iso_image import build_folder, build_iso
 from tasks.manifest import Manifest, dataset_from_json
@@ -28,7 +30,7 @@ from tasks.profiles import MEDIA_CAPACITY_BYTES, conversion_summary
 from tasks.spool import JobSpool, read_json, write_json
 from tasks.viewer_bundle import ViewerBundle, autorun_inf, load_viewer
 from tasks.volume_plan import Output, plan_volumes
-from tasks.web_content import build_web_content
+from tasks.web_content import WEB_INSTANCE_KEYWORDS, build_web_content
 from workers import progress
 from workers.app import app
 from workers.job_control import ensure_not_cancelled
@@ -116,10 +118,22 @@ def _directory_entries(manifest: Manifest, indices: list[int], outputs: dict[str
             transfer_syntax=output["transfer_syntax"],
             patient=level("patients", instance.patient), study=level("studies", instance.study),
             series=level("series", instance.series),
-            instance=dataset_from_json(instance.attributes),
+            instance=dataset_from_json(_entry_attributes(instance.attributes)),
         )
         entries.append((entry, output["path"]))
     return entries
+
+
+def _entry_attributes(attributes: dict[str, Any]) -> dict[str, Any]:
+    """The part of an instance's header subset (DICOM JSON) that the DICOMDIR records and the web
+    content read: a few of its ~20 attributes, so converting it to a Dataset costs a fifth."""
+    wanted = _entry_json_keys()
+    return {key: value for key, value in attributes.items() if key in wanted}
+
+
+@cache
+def _entry_json_keys() -> frozenset[str]:
+    return frozenset(f"{tag_for_keyword(keyword):08X}" for keyword in RECORD_INSTANCE_KEYWORDS | WEB_INSTANCE_KEYWORDS)
 
 
 def _series_number(manifest: Manifest, series: int) -> int:

@@ -161,6 +161,10 @@ def thumbnail_png(path: Path, limit: int = THUMBNAIL_PIXELS) -> bytes:
 # The web content of one volume
 
 
+WEB_INSTANCE_KEYWORDS = frozenset({"Rows", "DocumentTitle"})
+"""The attributes of :attr:`DirectoryEntry.instance` read here (see dicomdir.RECORD_INSTANCE_KEYWORDS)."""
+
+
 def _is_image(entry: DirectoryEntry) -> bool:
     return "Rows" in entry.instance  # the header subset has Rows only for instances with pixels
 

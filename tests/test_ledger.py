@@ -28,6 +28,26 @@ def test_schema_is_created_by_alembic(ledger_url):
     Ledger(ledger_url)  # a second process opening the same database upgrades nothing and does not fail
 
 
+def test_schema_upgrade_is_skipped_only_at_the_head_revision(ledger_url):
+    """Every process opens the ledger; it imports Alembic only when alembic_version is not the head,
+    which it reads from the migration scripts' text: that must agree with Alembic's own reading."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from orchestration.ledger import MIGRATIONS, head_revisions, schema_is_current
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    assert head_revisions() == set(ScriptDirectory.from_config(config).get_heads())
+    ledger = Ledger(ledger_url)
+    assert schema_is_current(ledger.engine)
+    with ledger.engine.begin() as connection:
+        connection.execute(text("update alembic_version set version_num = 'older'"))
+    assert not schema_is_current(ledger.engine)
+    with ledger.engine.begin() as connection:
+        connection.execute(text("drop table alembic_version"))
+    assert not schema_is_current(ledger.engine)  # a database Alembic never touched
+
+
 def test_job_lifecycle_and_patient_identifiers_kept_out(ledger_url):
     ledger = Ledger(ledger_url)
     request = {"source": {"node": "PACS@10.0.0.1:104", "patient_id": "SECRET-42"}, "syntax": "keep"}

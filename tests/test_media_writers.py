@@ -11,6 +11,7 @@ are printed, not asserted (run with -s to see them).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import io
 import random
@@ -492,6 +493,27 @@ def test_record_types_and_profiles(file_set: FileSetOnDisk) -> None:
     assert check_profile([jpeg], "STD-GEN-DVD-JPEG") == []
     with pytest.raises(ValueError, match="unknown media profile"):
         check_profile([jpeg], "STD-GEN-FLOPPY")
+
+
+def test_media_keeps_every_instance_attribute_the_records_and_web_content_read(file_set: FileSetOnDisk) -> None:
+    """tasks.media converts only RECORD_INSTANCE_KEYWORDS and WEB_INSTANCE_KEYWORDS of each
+    instance's header subset: DICOMDIR, thumbnails, report copies and the disc index must come out
+    the same as from the whole subset (CT, MR, SR, ECG and PDF instances here)."""
+    from tasks.media import _entry_attributes
+    from tasks.web_content import build_web_content
+
+    trimmed = [dataclasses.replace(entry, instance=Dataset.from_json(_entry_attributes(entry.instance.to_json_dict())))
+               for entry in file_set.entries]
+    assert sum(len(e.instance) for e in trimmed) < sum(len(e.instance) for e in file_set.entries)
+    for profile in ("STD-GEN-CD", "STD-GEN-DVD-JPEG"):
+        assert encode_dicomdir(trimmed, profile=profile) == encode_dicomdir(file_set.entries, profile=profile)
+    whole = build_web_content([(e, file_set.sources[e.sop_instance_uid]) for e in file_set.entries], {})
+    part = build_web_content([(e, file_set.sources[e.sop_instance_uid]) for e in trimmed], {})
+    assert (part.files, part.thumbnails, part.reports) == (whole.files, whole.thumbnails, whole.reports)
+    assert whole.thumbnails and whole.reports
+    created = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+    assert index_html(summarize(trimmed, volume_no=1, volume_count=1, institution="X", created=created)) == \
+        index_html(summarize(file_set.entries, volume_no=1, volume_count=1, institution="X", created=created))
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
@@ -102,24 +103,33 @@ class StoreAssociation:
     def context_for(self, sop_class: str, syntax: str) -> int | None:
         return next((cid for cid, pair in self.accepted.items() if pair == (sop_class, syntax)), None)
 
-    def c_store(self, context_id: int, sop_class: str, sop_instance: str, dataset: memoryview) -> StoreResponse:
-        """Send one instance (``dataset``: encoded in the context's transfer syntax, no file meta)
-        and wait for its response; :class:`WireBroken` when none can come."""
+    def c_store(self, context_id: int, sop_class: str, sop_instance: str, dataset: BinaryIO,
+                length: int) -> StoreResponse:
+        """Send one instance and wait for its response; :class:`WireBroken` when none can come.
+
+        ``dataset`` yields ``length`` bytes: the data set encoded in the context's transfer syntax,
+        without file meta. It is read one fragment at a time, so a large file is never held whole."""
         self._message_id = self._message_id % 0xFFFF + 1
         command = _store_command(sop_class, sop_instance, self._message_id)
         try:
             self._send_pdv(context_id, command, _COMMAND | _LAST)
-            self._send_dataset(context_id, dataset)
+            self._send_dataset(context_id, dataset, length)
             return self._read_response(self._message_id)
         except (OSError, struct.error, ValueError) as exc:
             self.broken = True
             raise WireBroken(f"the association broke while sending: {exc}") from exc
 
-    def _send_dataset(self, context_id: int, dataset: memoryview) -> None:
-        size = self._fragment
-        for start in range(0, max(len(dataset), 1), size):
-            last = start + size >= len(dataset)
-            self._send_pdv(context_id, dataset[start:start + size], _LAST if last else 0)
+    def _send_dataset(self, context_id: int, dataset: BinaryIO, length: int) -> None:
+        remaining = length
+        while True:
+            wanted = min(self._fragment, remaining)
+            fragment = dataset.read(wanted)
+            if len(fragment) != wanted:  # half a data set is on the wire: only an abort ends it
+                raise ValueError(f"the file ended {remaining - len(fragment)} bytes early while it was sent")
+            remaining -= wanted
+            self._send_pdv(context_id, fragment, 0 if remaining else _LAST)
+            if not remaining:
+                return
 
     def _send_pdv(self, context_id: int, fragment: bytes | memoryview, flags: int) -> None:
         header = (_PDU_HEADER.pack(0x04, len(fragment) + _PDV_HEADER.size)

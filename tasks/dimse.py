@@ -27,18 +27,20 @@ Limits worth knowing:
 from __future__ import annotations
 
 import hashlib
+import io
+import os
 import logging
 import queue
 import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom import Dataset, dcmread
 from pydicom.multival import MultiValue
@@ -554,6 +556,7 @@ class _StoreOptions:
     calling_ae: str
     timeout: float
     policy: _Retry
+    opener: Opener
 
 
 ContextKey = tuple[str, tuple[str, ...]]
@@ -562,22 +565,31 @@ _META_PROBE = 16_384
 """Bytes read to parse the file meta; a longer meta is left to pydicom."""
 
 
-def _read_header(path: Path) -> _Header | StoreOutcome:
+Opener = Callable[[Path], BinaryIO]
+"""Opens a file to send; e.g. one that opens files on a medium beneath its root only."""
+
+
+def _open_file(path: Path) -> BinaryIO:
+    return path.open("rb")
+
+
+def _read_header(path: Path, opener: Opener) -> _Header | StoreOutcome:
     """SOP class, instance and syntax from the file meta (a 16 KB read), else from pydicom."""
     try:
-        with path.open("rb") as handle:
+        with opener(path) as handle:
             meta = read_file_meta(handle.read(_META_PROBE))
-    except OSError as exc:
-        return StoreOutcome(path, None, None, None, False, f"cannot read the file: {exc.strerror or exc}")
+    except Exception as exc:  # OSError, or a medium's refusal: this file fails, the others go on
+        return StoreOutcome(path, None, None, None, False, f"cannot read the file: {getattr(exc, 'strerror', 0) or exc}")
     if meta is not None:
         return _Header(path, meta.sop_class_uid, meta.sop_instance_uid, UID(meta.transfer_syntax), meta.dataset_offset)
-    return _read_header_with_pydicom(path)
+    return _read_header_with_pydicom(path, opener)
 
 
-def _read_header_with_pydicom(path: Path) -> _Header | StoreOutcome:
+def _read_header_with_pydicom(path: Path, opener: Opener) -> _Header | StoreOutcome:
     try:
-        dataset = dcmread(path, force=True, stop_before_pixels=True,
-                          specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        with opener(path) as handle:
+            dataset = dcmread(handle, force=True, stop_before_pixels=True,
+                              specific_tags=["SOPClassUID", "SOPInstanceUID"])
     except Exception as exc:  # untrusted files: any parse error fails this file only
         return StoreOutcome(path, None, None, None, False, f"cannot read the DICOM header: {exc}")
     meta = dataset.file_meta
@@ -617,7 +629,7 @@ def pack_contexts(needs: dict[Any, list[ContextKey]],
 
 def store_files(node: Node, files: Sequence[Path], *, mode: str = "negotiate", associations: int = 4,
                 calling_ae: str = "DISCFLOW", timeout: float = 30, retries: int = 3,
-                backoff: float = 0.5) -> list[StoreOutcome]:
+                backoff: float = 0.5, opener: Opener = _open_file) -> list[StoreOutcome]:
     """C-STORE every file to ``node``; one :class:`StoreOutcome` per file, in order.
 
     ``mode``: ``keep`` sends the original bytes in their own syntax (refused files fail);
@@ -627,13 +639,14 @@ def store_files(node: Node, files: Sequence[Path], *, mode: str = "negotiate", a
     status that says the PACS is short of resources: 0xA7xx Out of Resources, 0x0213 Resource
     Limitation) are retried on a new association after ``backoff * 2**n`` seconds, ``retries``
     times. Other failure statuses (0xA9xx, 0xCxxx, 0x01xx, ...) say the PACS will not take this
-    instance as it is: they are reported at once, never resent.
+    instance as it is: they are reported at once, never resent. Every file is read through
+    ``opener`` (default: a plain open).
     """
     if mode not in STORE_MODES:
         raise ValueError(f"unknown store mode {mode!r}; expected one of {', '.join(STORE_MODES)}")
     started = time.perf_counter()
-    options = _StoreOptions(node, mode, calling_ae, timeout, _Retry(retries, backoff))
-    headers = [_read_header(Path(path)) for path in files]
+    options = _StoreOptions(node, mode, calling_ae, timeout, _Retry(retries, backoff), opener)
+    headers = [_read_header(Path(path), opener) for path in files]
     outcomes: dict[int, StoreOutcome] = {i: h for i, h in enumerate(headers) if isinstance(h, StoreOutcome)}
     chunks = _store_chunks([(i, h) for i, h in enumerate(headers) if isinstance(h, _Header)], mode, associations)
     with ThreadPoolExecutor(max(1, associations), thread_name_prefix="c-store") as pool:
@@ -680,7 +693,7 @@ def _store_chunk(options: _StoreOptions, contexts: list[PresentationContext],
         try:
             with store_association(node.host, node.port, node.ae_title, options.calling_ae, contexts,
                                    options.timeout) as wire:
-                unsent = _send_until_broken(wire, pending, options.mode, outcomes)
+                unsent = _send_until_broken(wire, pending, options, outcomes)
             reason = "the association was aborted or timed out while sending"
         except AssociationFailed as exc:
             reason = exc.reason
@@ -721,31 +734,33 @@ def is_transient_status(status: int | None) -> bool:
     return status is not None and (0xA700 <= status <= 0xA7FF or status == 0x0213)
 
 
-def _send_until_broken(wire: StoreAssociation, pending: list[tuple[int, _Header]], mode: str,
+def _send_until_broken(wire: StoreAssociation, pending: list[tuple[int, _Header]], options: _StoreOptions,
                        outcomes: dict[int, StoreOutcome]) -> list[tuple[int, _Header]]:
     """Send in order; return what is left when the association breaks (else [])."""
     for position, (index, header) in enumerate(pending):
-        outcome = _send_one(wire, header, mode)
+        outcome = _send_one(wire, header, options)
         if outcome is None:
             return pending[position:]
         outcomes[index] = outcome
     return []
 
 
-def _send_one(wire: StoreAssociation, header: _Header, mode: str) -> StoreOutcome | None:
+def _send_one(wire: StoreAssociation, header: _Header, options: _StoreOptions) -> StoreOutcome | None:
     """C-STORE one file; None when no response came (the caller retries on a new association)."""
+    mode = options.mode
     syntax, convert = _choose_syntax(wire, header, mode)
     if syntax is None:
         return _outcome(header, None, None, f"{wire.peer_ae_title} accepted no presentation context for "
                         f"{UID(header.sop_class_uid).name} in {header.transfer_syntax.name}" +
                         ("" if mode == "keep" else " or uncompressed"))
     try:
-        payload = _payload(header, UID(syntax), convert)
+        payload, length = _payload(header, UID(syntax), convert, options.opener)
     except Exception as exc:  # any codec or encoding error: this file fails, the others go on
         return _outcome(header, None, None, f"cannot convert from {header.transfer_syntax.name}: {exc}")
     context_id = wire.context_for(header.sop_class_uid, syntax)
     try:
-        response = wire.c_store(context_id, header.sop_class_uid, header.sop_instance_uid, payload)
+        with payload:
+            response = wire.c_store(context_id, header.sop_class_uid, header.sop_instance_uid, payload, length)
     except WireBroken as exc:
         LOGGER.warning("C-STORE to %s: %s", wire.peer_ae_title, exc)
         return None
@@ -773,22 +788,31 @@ def _choose_syntax(wire: StoreAssociation, header: _Header, mode: str) -> tuple[
     return target, target is not None
 
 
-def _payload(header: _Header, syntax: UID, convert: bool) -> memoryview:
-    """The data set in ``syntax``: the file's own bytes after its meta when nothing changes,
-    else pydicom's encoding of the (decompressed when asked) data set."""
+def _payload(header: _Header, syntax: UID, convert: bool, opener: Opener) -> tuple[BinaryIO, int]:
+    """(stream, length) of the data set in ``syntax``: the file's own bytes after its meta when
+    nothing changes, else pydicom's encoding of the (decompressed when asked) data set."""
     if not convert and header.dataset_offset is not None:
-        return memoryview(header.path.read_bytes())[header.dataset_offset:]
-    dataset = _converted(header, convert)
+        handle = opener(header.path)
+        try:
+            length = os.fstat(handle.fileno()).st_size - header.dataset_offset
+            handle.seek(header.dataset_offset)
+        except (OSError, io.UnsupportedOperation):  # a stream without a file behind it
+            data = handle.read()[header.dataset_offset:]
+            handle.close()
+            return io.BytesIO(data), len(data)
+        return handle, length
+    dataset = _converted(header, convert, opener)
     encoded = encode(dataset, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
     if encoded is None:
         raise ValueError(f"pydicom cannot encode the data set in {syntax.name}")
-    return memoryview(encoded)
+    return io.BytesIO(encoded), len(encoded)
 
 
-def _converted(header: _Header, decompress: bool) -> Dataset:
+def _converted(header: _Header, decompress: bool, opener: Opener) -> Dataset:
     """The whole dataset, re-encoded by :func:`_payload`; pixel data is decompressed only when
     asked and compressed."""
-    dataset = dcmread(header.path, force=True)
+    with opener(header.path) as handle:
+        dataset = dcmread(handle, force=True)
     if not hasattr(dataset, "file_meta") or "TransferSyntaxUID" not in dataset.file_meta:
         dataset.ensure_file_meta()
         dataset.file_meta.TransferSyntaxUID = header.transfer_syntax

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from tasks.dimse import Node, store_files
 from tasks.manifest import Manifest
+from tasks.media_source import open_medium
 from tasks.spool import JobSpool, read_json, write_json
 from workers import progress
 from workers.app import app
@@ -37,16 +40,29 @@ def store_batch(spool: JobSpool, number: int) -> list[StoreResult]:
     if pending:
         settings = get_settings()
         request = read_json(spool.path / "request.json")
-        outcomes = store_files(Node.parse(request["node"]), [Path(p["path"]) for p in pending],
-                               mode=request.get("send", "negotiate"), associations=settings.store_associations,
-                               calling_ae=settings.ae_title, timeout=settings.network_timeout_seconds,
-                               retries=settings.store_retries, backoff=settings.store_backoff_seconds)
+        with _opener(request["medium"], any(p.get("on_medium") for p in pending)) as opener:
+            outcomes = store_files(Node.parse(request["node"]), [Path(p["path"]) for p in pending],
+                                   mode=request.get("send", "negotiate"), associations=settings.store_associations,
+                                   calling_ae=settings.ae_title, timeout=settings.network_timeout_seconds,
+                                   retries=settings.store_retries, backoff=settings.store_backoff_seconds,
+                                   opener=opener)
         for item, outcome in zip(pending, outcomes):
             results[item["index"]] = StoreResult(item["index"], outcome.ok, outcome.status, outcome.sent_syntax or "",
                                                  item["bytes_out"], outcome.reason)
     ordered = [results[p["index"]] for p in prepared]
     write_json(outcome_path, [asdict(r) for r in ordered])
     return ordered
+
+
+@contextmanager
+def _opener(location: str, needed: bool) -> Iterator[Callable[[Path], BinaryIO]]:
+    """Opens spool files (absolute paths) plainly and files left on the medium (relative paths,
+    see tasks.transcode._sent_from_medium) through the medium, beneath its root only."""
+    if not needed:
+        yield lambda path: path.open("rb")
+        return
+    with open_medium(Path(location)) as medium:
+        yield lambda path: path.open("rb") if path.is_absolute() else medium.open(str(path))
 
 
 def finish_import(spool: JobSpool) -> dict[str, Any]:

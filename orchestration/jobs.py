@@ -68,7 +68,7 @@ def submit_import(request: dict[str, Any], priority: str = "normal") -> str:
 
 
 def wait(job_id: str, on_progress: ProgressCallback | None = None, timeout: float | None = None,
-         poll_seconds: float = 0.05, task_id: str | None = None,
+         poll_seconds: float = 0.02, task_id: str | None = None,
          health_check: Callable[[], None] | None = None) -> dict[str, Any]:
     """Block until the job's last task has finished; return its (counts-only) result.
 

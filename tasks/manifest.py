@@ -153,8 +153,10 @@ class Manifest:
 class ManifestBuilder:
     """Groups scanned headers patient > study > series while keeping insertion order."""
 
-    def __init__(self, job_id: str, kind: str, options: dict[str, Any]) -> None:
+    def __init__(self, job_id: str, kind: str, options: dict[str, Any],
+                 instance_keywords: tuple[str, ...] = INSTANCE_KEYWORDS) -> None:
         self.manifest = Manifest(job_id=job_id, kind=kind, options=options)
+        self._instance_keywords = instance_keywords
         self._patients: dict[str, int] = {}
         self._studies: dict[str, int] = {}
         self._series: dict[str, int] = {}
@@ -170,7 +172,7 @@ class ManifestBuilder:
             index=len(self.manifest.instances), source=str(source), size=size,
             sop_class_uid=str(dataset.SOPClassUID), sop_instance_uid=str(dataset.SOPInstanceUID),
             transfer_syntax=transfer_syntax, patient=patient, study=study, series=series,
-            attributes=subset_json(dataset, INSTANCE_KEYWORDS),
+            attributes=subset_json(dataset, self._instance_keywords),
         )
         self.manifest.instances.append(instance)
         return instance

@@ -184,7 +184,7 @@ class FlowerWatch:
                 self.poll()
             except requests.RequestException:
                 pass
-            self._stop.wait(0.2)
+            self._stop.wait(0.05)  # the scan record lives only until the job ends (see above)
 
     def __enter__(self) -> "FlowerWatch":
         self._thread.start()
@@ -216,7 +216,7 @@ def test_flower_shows_the_job_by_stage_without_patient_identifiers(flower_url, s
     assert requests.get(f"{flower_url}/", timeout=5).status_code == 401  # the dashboard too
 
     study = tmp_path / "study"
-    build_study(study, StudySpec(images=12, patient_name=PATIENT_NAME, patient_id=PATIENT_ID))
+    build_study(study, StudySpec(images=32, patient_name=PATIENT_NAME, patient_id=PATIENT_ID))
     assert PATIENT_ID.encode() in next(study.glob("*.dcm")).read_bytes()  # the check below is not vacuous
     with FlowerWatch(flower_url) as watch:
         job_id = submit("export", {"source": {"folder": str(study)}, "syntax": "jpeg-lossless",

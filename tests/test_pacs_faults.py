@@ -130,6 +130,7 @@ def _resume_and_count(pacs: RefusingStorageSCP, job_id: str) -> Counter[str]:
 def _names_the_pacs_gone(reason: str, pacs: RefusingStorageSCP) -> bool:
     """A connection refused, or (caught as the port closed) an association request reset."""
     return (f"cannot connect to {pacs.node}" in reason or f"{pacs.node} aborted the association" in reason
+            or f"{pacs.node} broke off the association request" in reason
             or "the association was aborted or timed out while sending" in reason)
 
 

@@ -227,7 +227,7 @@ def test_flower_shows_the_job_by_stage_without_patient_identifiers(flower_url, s
     names = {name for uuid in tasks for name in watch.names[uuid]}
     assert "discflow.scan.export" in watch.names[job_id], watch.names[job_id]
     assert all(name.startswith(("discflow.scan.", "discflow.transcode.", "discflow.media.")) for name in names), names
-    assert sum(task["name"].startswith("discflow.transcode.") for task in tasks.values()) == 3  # 12 images, 4 a batch
+    assert sum(task["name"].startswith("discflow.transcode.") for task in tasks.values()) == 8  # 32 images, 4 a batch
     details = []
     for uuid in tasks:
         detail = requests.get(f"{flower_url}/api/task/info/{uuid}", auth=CREDENTIALS, timeout=5)

@@ -74,10 +74,10 @@ from tasks.dicom_wire import (
     StoreAssociation,
     WireBroken,
     quick_ack,
-    read_file_meta,
     set_tcp_nodelay,
     store_association,
 )
+from tasks.part10 import META_PROBE, read_file_meta
 from tasks.spool import atomic_writer
 
 LOGGER = logging.getLogger(__name__)
@@ -561,8 +561,6 @@ class _StoreOptions:
 
 ContextKey = tuple[str, tuple[str, ...]]
 """(SOP Class UID, transfer syntaxes) of one proposed presentation context."""
-_META_PROBE = 16_384
-"""Bytes read to parse the file meta; a longer meta is left to pydicom."""
 
 
 Opener = Callable[[Path], BinaryIO]
@@ -577,7 +575,7 @@ def _read_header(path: Path, opener: Opener) -> _Header | StoreOutcome:
     """SOP class, instance and syntax from the file meta (a 16 KB read), else from pydicom."""
     try:
         with opener(path) as handle:
-            meta = read_file_meta(handle.read(_META_PROBE))
+            meta = read_file_meta(handle.read(META_PROBE))
     except Exception as exc:  # OSError, or a medium's refusal: this file fails, the others go on
         return StoreOutcome(path, None, None, None, False, f"cannot read the file: {getattr(exc, 'strerror', 0) or exc}")
     if meta is not None:

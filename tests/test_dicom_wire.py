@@ -13,7 +13,7 @@ import pydicom.data
 from pydicom.data import get_testdata_file
 from pynetdicom.dsutils import split_dataset
 
-from tasks import dicom_wire, dimse
+from tasks import dicom_wire, dimse, part10
 from tasks.dimse import Node
 
 
@@ -27,7 +27,7 @@ def test_file_meta_agrees_with_pydicom() -> None:
     """The UIDs and the data set offset the sender uses are the ones pydicom reads from the meta."""
     parsed = 0
     for path in _part10_files():
-        meta = dicom_wire.read_file_meta(path.read_bytes()[:16384])
+        meta = part10.read_file_meta(path.read_bytes()[:16384])
         if meta is None:
             continue  # a meta we leave to pydicom (no UIDs, undefined length): the fallback path
         file_meta, offset = split_dataset(path)
@@ -41,7 +41,7 @@ def test_file_meta_agrees_with_pydicom() -> None:
 
 @pytest.mark.parametrize("head", [b"", b"\0" * 200, b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\xff"])
 def test_file_meta_of_junk_is_left_to_pydicom(head: bytes) -> None:
-    assert dicom_wire.read_file_meta(head) is None
+    assert part10.read_file_meta(head) is None
 
 
 @contextmanager

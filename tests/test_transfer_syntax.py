@@ -634,3 +634,26 @@ def test_policy_table() -> None:
         assert syntax in LOSSLESS_SYNTAXES
     for syntax in (JPEG_BASELINE, JPEG_EXTENDED, J2K, "1.2.840.10008.1.2.4.81"):
         assert syntax not in LOSSLESS_SYNTAXES
+
+
+@pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "SC_rgb_rle_2frame.dcm", "SC_rgb_jpeg_gdcm.dcm",
+                                  "J2K_pixelrep_mismatch.dcm"])
+def test_decompressing_keeps_every_other_byte_of_the_file(name: str, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode to Explicit VR Little Endian that changes nothing but the pixels splices the new Pixel
+    Data into the source's own bytes: every element is what pydicom's full re-encoding gives."""
+    import tasks.transfer_syntax as transfer_syntax
+
+    source, explicit_le = Path(get_testdata_file(name)), "1.2.840.10008.1.2.1"
+    splices: list[Path] = []
+    real_splice = transfer_syntax._write_spliced
+    monkeypatch.setattr(transfer_syntax, "_write_spliced", lambda *args: splices.append(args[4]) or real_splice(*args))
+    spliced = convert_file(source, tmp_path / "spliced.dcm", explicit_le)
+    monkeypatch.setattr(transfer_syntax, "_splice_point", lambda *args: None)
+    encoded = convert_file(source, tmp_path / "encoded.dcm", explicit_le)
+    assert splices == [tmp_path / "spliced.dcm"]  # the fast path ran, the comparison is not vacuous
+    assert (spliced.transfer_syntax, spliced.sop_instance_uid) == (encoded.transfer_syntax, encoded.sop_instance_uid)
+    ours, pydicoms = dcmread(tmp_path / "spliced.dcm"), dcmread(tmp_path / "encoded.dcm")
+    assert [(e.tag, e.VR, e.value) for e in ours] == [(e.tag, e.VR, e.value) for e in pydicoms]
+    assert ours.file_meta == pydicoms.file_meta
+    assert np.array_equal(ours.pixel_array, pydicoms.pixel_array)

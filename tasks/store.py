@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from tasks.dimse import Node, store_files
 from tasks.manifest import Manifest
-from tasks.media_source import open_medium
+from tasks.media_source import MediaError, Medium, open_medium
 from tasks.spool import JobSpool, read_json, write_json
 from workers import progress
 from workers.app import app
@@ -29,8 +29,9 @@ class StoreResult:
     reason: str = ""
 
 
-def store_batch(spool: JobSpool, number: int) -> list[StoreResult]:
-    """Send what the prepare step produced for batch ``number``; a batch already stored is not resent."""
+def store_batch(spool: JobSpool, number: int, medium: Medium | None = None) -> list[StoreResult]:
+    """Send what the prepare step produced for batch ``number``; a batch already stored is not resent.
+    ``medium``: the job's medium when the caller has it open already."""
     outcome_path = spool.outcome_path("store", number)
     previous = {r["index"]: StoreResult(**r) for r in read_json(outcome_path)} if outcome_path.exists() else {}
     prepared = read_json(spool.outcome_path("transcode", number))
@@ -40,7 +41,7 @@ def store_batch(spool: JobSpool, number: int) -> list[StoreResult]:
     if pending:
         settings = get_settings()
         request = read_json(spool.path / "request.json")
-        with _opener(request["medium"], any(p.get("on_medium") for p in pending)) as opener:
+        with _opener(request["medium"], any(p.get("on_medium") for p in pending), medium) as opener:
             outcomes = store_files(Node.parse(request["node"]), [Path(p["path"]) for p in pending],
                                    mode=request.get("send", "negotiate"), associations=settings.store_associations,
                                    calling_ae=settings.ae_title, timeout=settings.network_timeout_seconds,
@@ -54,15 +55,24 @@ def store_batch(spool: JobSpool, number: int) -> list[StoreResult]:
     return ordered
 
 
+def _medium_if_readable(spool: JobSpool) -> AbstractContextManager[Medium | None]:
+    """The job's medium, or None when it is gone (a resumed job whose files are all in the spool
+    needs none; a part that does need it opens it and reports why it cannot)."""
+    try:
+        return open_medium(Path(spool.read("request.json")["medium"]))
+    except (MediaError, OSError):
+        return nullcontext(None)
+
+
 @contextmanager
-def _opener(location: str, needed: bool) -> Iterator[Callable[[Path], BinaryIO]]:
+def _opener(location: str, needed: bool, medium: Medium | None) -> Iterator[Callable[[Path], BinaryIO]]:
     """Opens spool files (absolute paths) plainly and files left on the medium (relative paths,
     see tasks.transcode._sent_from_medium) through the medium, beneath its root only."""
     if not needed:
         yield lambda path: path.open("rb")
         return
-    with open_medium(Path(location)) as medium:
-        yield lambda path: path.open("rb") if path.is_absolute() else medium.open(str(path))
+    with nullcontext(medium) if medium is not None else open_medium(Path(location)) as opened:
+        yield lambda path: path.open("rb") if path.is_absolute() else opened.open(str(path))
 
 
 def finish_import(spool: JobSpool) -> dict[str, Any]:
@@ -116,18 +126,20 @@ def import_batch_task(self, job_id: str, number: int) -> dict[str, int]:
     from tasks.transcode import prepare_import_batch
 
     ensure_not_cancelled(self, job_id)
-    with stage_timer(self, job_id, "transcode", part="prepare") as timing:
-        outcomes = prepare_import_batch(_spool(job_id), number)
-        timing.count(len(outcomes), sum(o.bytes_in for o in outcomes), sum(o.bytes_out for o in outcomes))
-    progress.advance(self.app.conf.broker_url, job_id, "transcode", len(outcomes))
-    return _timed_store(self, job_id, number, part="store")
+    spool = _spool(job_id)
+    with _medium_if_readable(spool) as medium:  # opened and listed once for both parts
+        with stage_timer(self, job_id, "transcode", part="prepare") as timing:
+            outcomes = prepare_import_batch(spool, number, medium)
+            timing.count(len(outcomes), sum(o.bytes_in for o in outcomes), sum(o.bytes_out for o in outcomes))
+        progress.advance(self.app.conf.broker_url, job_id, "transcode", len(outcomes))
+        return _timed_store(self, job_id, number, part="store", medium=medium)
 
 
-def _timed_store(task, job_id: str, number: int, part: str = "") -> dict[str, int]:
+def _timed_store(task, job_id: str, number: int, part: str = "", medium: Medium | None = None) -> dict[str, int]:
     with stage_timer(task, job_id, "store", part) as timing:
         if part:
             timing.queue_wait = 0.0  # the task waited in the queue once: counted with its first part
-        results = store_batch(_spool(job_id), number)
+        results = store_batch(_spool(job_id), number, medium)
         sent = sum(r.bytes for r in results if r.ok)
         timing.count(len(results), sent, sent)
     progress.advance(task.app.conf.broker_url, job_id, "store", len(results))

@@ -1,6 +1,7 @@
 """transcode: convert a batch of instances to the job's transfer syntax, one outcome per instance."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -237,8 +238,9 @@ def prepare_import_instances(medium: Medium, spool: JobSpool, instances: list[In
     return outcomes
 
 
-def prepare_import_batch(spool: JobSpool, number: int) -> list[Outcome]:
-    """Extract (and reconcile, convert) one batch; instances already prepared are not redone."""
+def prepare_import_batch(spool: JobSpool, number: int, medium: Medium | None = None) -> list[Outcome]:
+    """Extract (and reconcile, convert) one batch; instances already prepared are not redone.
+    ``medium``: the job's medium when the caller has it open already."""
     outcome_path = spool.outcome_path("transcode", number)
     instances = [Instance(**i) for i in read_json(spool.batch_path("store", number))]
     previous = read_json(outcome_path) if outcome_path.exists() else None
@@ -247,8 +249,8 @@ def prepare_import_batch(spool: JobSpool, number: int) -> list[Outcome]:
     prepared = {o["index"] for o in previous or [] if o["ok"]}  # as redo_failed: only the failed are redone
     request = read_json(spool.path / "request.json")
     send, reason = request.get("send", "negotiate"), request.get("reason", "COERCE")
-    with open_medium(Path(request["medium"])) as medium:
-        outcomes = prepare_import_instances(medium, spool, [i for i in instances if i.index not in prepared],
+    with nullcontext(medium) if medium is not None else open_medium(Path(request["medium"])) as opened:
+        outcomes = prepare_import_instances(opened, spool, [i for i in instances if i.index not in prepared],
                                             send, reason)
     return redo_failed(outcome_path, instances, lambda instance: outcomes[instance.index])
 

@@ -36,6 +36,8 @@ MAX_PDU = 262_144
 MAX_PDU_READ = 1 << 20
 """A PDU longer than this from the peer is refused: a broken or hostile peer cannot make us
 allocate without bound (responses are a few hundred bytes)."""
+MIN_PEER_PDU = 1024
+"""A peer that takes smaller PDUs than this is refused (DCMTK's own minimum is 4096)."""
 SEND_FRAGMENT = 1 << 20
 """Fragment size when the peer sets no maximum (0 means unlimited)."""
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
@@ -264,6 +266,10 @@ def _established(sock: socket.socket, pdu_type: int, body: bytes, proposed: dict
         raise AssociationFailed(f"{node} accepted none of the proposed presentation contexts", transient=False)
     peer_max = next((item.maximum_length_received for item in accepted_primitive.user_information
                      if isinstance(item, MaximumLengthNotification)), 0) or 0
+    if 0 < peer_max < MIN_PEER_PDU:  # a fragment of nothing would never end a data set
+        sock.sendall(_ABORT)
+        raise AssociationFailed(f"{node} accepts P-DATA PDUs of at most {peer_max} bytes; discflow needs "
+                                f"{MIN_PEER_PDU} or more", transient=False)
     return StoreAssociation(sock, accepted, min(peer_max, SEND_FRAGMENT) if peer_max else 0, called_ae)
 
 

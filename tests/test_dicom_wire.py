@@ -12,6 +12,8 @@ import pytest
 import pydicom.data
 from pydicom.data import get_testdata_file
 from pynetdicom.dsutils import split_dataset
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import MaximumLengthNotification
 
 from tasks import dicom_wire, dimse, part10
 from tasks.dimse import Node
@@ -45,7 +47,7 @@ def test_file_meta_of_junk_is_left_to_pydicom(head: bytes) -> None:
 
 
 @contextmanager
-def _peer(behave: Callable[[socket.socket], None]) -> Iterator[Node]:
+def _peer(behave: Callable[[socket.socket, bytes], None]) -> Iterator[Node]:
     """A TCP peer on loopback that reads the A-ASSOCIATE-RQ and then does ``behave``."""
     server = socket.create_server(("127.0.0.1", 0))
     server.settimeout(10)
@@ -58,8 +60,8 @@ def _peer(behave: Callable[[socket.socket], None]) -> Iterator[Node]:
                 return
             with connection:
                 try:
-                    dicom_wire.read_pdu(connection)
-                    behave(connection)
+                    pdu_type, body = dicom_wire.read_pdu(connection)
+                    behave(connection, struct.pack(">BxI", pdu_type, len(body)) + body)
                 except OSError:
                     pass
 
@@ -72,15 +74,35 @@ def _peer(behave: Callable[[socket.socket], None]) -> Iterator[Node]:
         thread.join(5)
 
 
-def _huge_pdu(connection: socket.socket) -> None:
+def _huge_pdu(connection: socket.socket, _request: bytes) -> None:
     connection.sendall(struct.pack(">BxI", 0x02, 1 << 31))
 
 
-def _abort(connection: socket.socket) -> None:
+def _abort(connection: socket.socket, _request: bytes) -> None:
     connection.sendall(b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x00")
 
 
-def _reject_permanently(connection: socket.socket) -> None:
+def _accept_with_tiny_pdus(connection: socket.socket, request: bytes) -> None:
+    """Accepts every context, but announces a maximum PDU length of 16 bytes."""
+    rq = A_ASSOCIATE_RQ()
+    rq.decode(request)
+    primitive = rq.to_primitive()
+    primitive.result = 0x00
+    for context in primitive.presentation_context_definition_list:
+        context.result = 0x00
+        context.transfer_syntax = context.transfer_syntax[:1]
+    primitive.presentation_context_definition_results_list = primitive.presentation_context_definition_list
+    tiny = MaximumLengthNotification()
+    tiny.maximum_length_received = 16
+    primitive.user_information = [tiny, *[item for item in primitive.user_information
+                                          if not isinstance(item, MaximumLengthNotification)]]
+    ac = A_ASSOCIATE_AC()
+    ac.from_primitive(primitive)
+    connection.sendall(ac.encode())
+    connection.recv(1024)  # the A-ABORT that follows
+
+
+def _reject_permanently(connection: socket.socket, _request: bytes) -> None:
     connection.sendall(b"\x03\x00\x00\x00\x00\x04\x00\x01\x01\x03")  # rejected-permanent, user, AE not recognised
 
 
@@ -88,8 +110,9 @@ def _reject_permanently(connection: socket.socket) -> None:
     (_huge_pdu, "broke off the association request", 2),
     (_abort, "aborted the association request", 2),
     (_reject_permanently, "rejected the association (Rejected Permanent, Service User: Calling AE title", 1),
+    (_accept_with_tiny_pdus, "accepts P-DATA PDUs of at most 16 bytes", 1),
 ])
-def test_hostile_peer_fails_each_file_with_a_reason(behave: Callable[[socket.socket], None], reason: str,
+def test_hostile_peer_fails_each_file_with_a_reason(behave: Callable[[socket.socket, bytes], None], reason: str,
                                                     attempts: int) -> None:
     """Nothing the peer sends can crash the sender or make it allocate what the peer claims; a
     transient failure is retried, a permanent rejection is not."""

@@ -3,8 +3,8 @@
 Used by ``discflow bench`` (to measure discflow beside real PACS software) and, through the
 pytest fixtures in ``tests/peers.py``, by the interoperability tests.
 
-``start_orthanc(folder, tcp_nodelay=True, accepted_transfer_syntaxes=[...])`` starts one Orthanc;
-:func:`running_orthanc` / :func:`running_storescp` are context managers that stop the peer on exit.
+``start_orthanc(folder, tcp_nodelay=True, accepted_transfer_syntaxes=[...])`` starts one Orthanc,
+``start_storescp(folder)`` one storescp; ``peer.stop()`` stops either.
 A peer whose program is missing raises :class:`PeerUnavailable` (the tests turn that into a skip).
 
 ``tcp_nodelay=True`` sets ``TCP_NODELAY=1`` in the peer's environment: DCMTK (inside Orthanc
@@ -22,8 +22,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,15 +262,6 @@ def _wait_for_orthanc(peer: OrthancPeer, log_path: Path) -> None:
     raise RuntimeError(f"Orthanc did not answer within {_STARTUP_SECONDS:.0f} s:\n{_log_tail(log_path)}")
 
 
-@contextmanager
-def running_orthanc(directory: Path, **options: Any) -> Iterator[OrthancPeer]:
-    """``with running_orthanc(tmp, tcp_nodelay=True) as peer:`` — stopped on exit."""
-    peer = start_orthanc(directory, **options)
-    try:
-        yield peer
-    finally:
-        peer.stop()
-
 
 # --------------------------------------------------------------------------------------
 # DCMTK storescp
@@ -335,11 +325,3 @@ def _wait_for_port(peer: StoreScpPeer, log_path: Path) -> None:
     peer.stop()
     raise RuntimeError(f"storescp did not listen within {_STARTUP_SECONDS:.0f} s:\n{_log_tail(log_path)}")
 
-
-@contextmanager
-def running_storescp(directory: Path, **options: Any) -> Iterator[StoreScpPeer]:
-    peer = start_storescp(directory, **options)
-    try:
-        yield peer
-    finally:
-        peer.stop()

@@ -5,8 +5,8 @@ Import the fixtures into a test module (pytest then finds them there)::
     from peers import orthanc, orthanc_factory, storescp, storescp_factory
 
 ``orthanc_factory(tcp_nodelay=True, accepted_transfer_syntaxes=[...])`` starts one more
-Orthanc per call and stops every one of them at teardown. For module- or session-scoped
-peers use the context managers :func:`running_orthanc` / :func:`running_storescp`.
+Orthanc per call and stops every one of them at teardown; ``storescp_factory`` does the same
+for storescp.
 A peer that is not installed skips the test instead of failing it.
 
 The peers themselves (start-up, REST helpers, TCP_NODELAY environment) live in
@@ -15,7 +15,6 @@ The peers themselves (start-up, REST helpers, TCP_NODELAY environment) live in
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,23 +49,6 @@ def start_storescp(directory: Path, **options: Any) -> StoreScpPeer:
         pytest.skip(str(missing))
 
 
-@contextmanager
-def running_orthanc(directory: Path, **options: Any) -> Iterator[OrthancPeer]:
-    """``with running_orthanc(tmp, tcp_nodelay=True) as peer:`` — stopped on exit."""
-    peer = start_orthanc(directory, **options)
-    try:
-        yield peer
-    finally:
-        peer.stop()
-
-
-@contextmanager
-def running_storescp(directory: Path, **options: Any) -> Iterator[StoreScpPeer]:
-    peer = start_storescp(directory, **options)
-    try:
-        yield peer
-    finally:
-        peer.stop()
 
 
 @pytest.fixture

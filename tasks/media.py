@@ -274,8 +274,8 @@ def plan_media_task(self, _batches: list, job_id: str):
 def wait_for_batches(task, spool: JobSpool, stage: str, outcome_stage: str | None = None,
                      countdown: float = 2) -> None:
     """A chord body may be released early when a header task ran twice (at-least-once delivery
-    counts both runs), and an import's first batches run outside its chord (started during the
-    scan): come back every ``countdown`` seconds, for up to 30 minutes, until every batch's
+    counts both runs), and an import's batches run outside any chord (the scan starts them):
+    come back every ``countdown`` seconds, for up to 30 minutes, until every batch's
     outcome is in the spool."""
     missing = spool.unfinished_batches(stage, outcome_stage)
     if missing:

@@ -100,13 +100,12 @@ def export_canvas(job_id: str, batch_count: int):
     return chord(header, plan_media_task.s(job_id))
 
 
-def write_batches(spool: JobSpool, manifest: Manifest, work: list[int], stage: str = "transcode",
-                  first: int = 0) -> int:
-    """Write one small work file per batch (from batch ``first`` on), so a task never parses the
-    whole manifest; return the number of batches."""
+def write_batches(spool: JobSpool, manifest: Manifest, work: list[int], stage: str = "transcode") -> int:
+    """Write one small work file per batch, so a task never parses the whole manifest; return the
+    number of batches."""
     batch_size = int(manifest.options.get("batch_size") or get_settings().batch_size)
     batches = manifest.batches(batch_size, work)
-    for number, indices in enumerate(batches[first:], first):
+    for number, indices in enumerate(batches):
         # as_json, not asdict: the same JSON without deep-copying every instance's attributes.
         write_json(spool.batch_path(stage, number), [as_json(manifest.instances[i]) for i in indices])
     return len(batches)
@@ -194,24 +193,23 @@ def scan_import(spool: JobSpool, on_batch: Callable[[int, list[Instance]], None]
 
 @app.task(bind=True, name="discflow.scan.import")
 def scan_import_task(self, job_id: str):
+    from tasks.store import finish_import_task
+
     ensure_not_cancelled(self, job_id)
     spool = JobSpool(get_settings().spool_dir, job_id)
     send = spool.read(REQUEST).get("send", "negotiate")
-    started: list[int] = []
 
     def store_at_once(number: int, instances: list[Instance]) -> None:
         write_json(spool.batch_path("store", number), [as_json(instance) for instance in instances])
         batch_canvas(job_id, number, send).apply_async()
-        started.append(number)
 
     with stage_timer(self, job_id, "scan") as timing:
-        manifest = scan_import(spool, store_at_once)
+        manifest = scan_import(spool, store_at_once)  # every batch, the last one too, is started here
         timing.count(len(manifest.instances), manifest.source_bytes(), 0)
-    last = write_batches(spool, manifest, [i.index for i in manifest.instances], "store", first=len(started))
     broker = self.app.conf.broker_url
     progress.set_total(broker, job_id, "transcode", len(manifest.instances))
     progress.set_total(broker, job_id, "store", len(manifest.instances))
-    return self.replace(import_canvas(job_id, last, send, first=len(started)))
+    return self.replace(finish_import_task.si([], job_id))  # it waits until every batch's outcome is in
 
 
 def batch_canvas(job_id: str, number: int, send: str):
@@ -226,15 +224,14 @@ def batch_canvas(job_id: str, number: int, send: str):
     return chain(prepare_import_batch_task.si(job_id, number), store_batch_task.si(job_id, number))
 
 
-def import_canvas(job_id: str, batch_count: int, send: str, first: int = 0):
-    """Each batch ``first`` .. ``batch_count - 1`` (:func:`batch_canvas`) -> finish.
-
-    Batches before ``first`` were started by the scan already; finish waits for their outcomes."""
+def import_canvas(job_id: str, batch_count: int, send: str):
+    """Each batch (:func:`batch_canvas`) -> finish: how ``resume`` runs an import again (a first
+    run's scan starts each batch itself as soon as it is full)."""
     from tasks.store import finish_import_task
 
-    if batch_count <= first:
+    if not batch_count:
         return finish_import_task.si([], job_id)
-    return chord([batch_canvas(job_id, n, send) for n in range(first, batch_count)], finish_import_task.s(job_id))
+    return chord([batch_canvas(job_id, n, send) for n in range(batch_count)], finish_import_task.s(job_id))
 
 
 @app.task(bind=True, name="discflow.scan.resume")

@@ -790,14 +790,13 @@ def _payload(header: _Header, syntax: UID, convert: bool, opener: Opener) -> tup
     """(stream, length) of the data set in ``syntax``: the file's own bytes after its meta when
     nothing changes, else pydicom's encoding of the (decompressed when asked) data set."""
     if not convert and header.dataset_offset is not None:
-        handle = opener(header.path)
+        handle = opener(header.path)  # a real file, from either opener (spool or folder medium)
         try:
             length = os.fstat(handle.fileno()).st_size - header.dataset_offset
             handle.seek(header.dataset_offset)
-        except (OSError, io.UnsupportedOperation):  # a stream without a file behind it
-            data = handle.read()[header.dataset_offset:]
+        except OSError:
             handle.close()
-            return io.BytesIO(data), len(data)
+            raise
         return handle, length
     dataset = _converted(header, convert, opener)
     encoded = encode(dataset, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)

@@ -26,6 +26,7 @@ import struct
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -464,6 +465,12 @@ class IsoMedium(Medium):
             self._iso.close()
         except Exception:  # noqa: BLE001 - closing a half-opened image
             pass
+
+
+def opened_medium(location: Path | str, medium: Medium | None = None) -> AbstractContextManager[Medium]:
+    """``medium`` itself when the caller holds it open already (left open), else the medium at
+    ``location``, opened for the ``with`` block."""
+    return nullcontext(medium) if medium is not None else open_medium(location)
 
 
 def open_medium(location: Path | str, *, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Medium:

@@ -10,7 +10,7 @@ from typing import Any, BinaryIO
 
 from tasks.dimse import Node, store_files
 from tasks.manifest import Manifest
-from tasks.media_source import MediaError, Medium, open_medium
+from tasks.media_source import MediaError, Medium, open_medium, opened_medium
 from tasks.spool import JobSpool, read_json, write_json
 from workers import progress
 from workers.app import app
@@ -71,7 +71,7 @@ def _opener(location: str, needed: bool, medium: Medium | None) -> Iterator[Call
     if not needed:
         yield lambda path: path.open("rb")
         return
-    with nullcontext(medium) if medium is not None else open_medium(Path(location)) as opened:
+    with opened_medium(location, medium) as opened:
         yield lambda path: path.open("rb") if path.is_absolute() else opened.open(str(path))
 
 

@@ -1,7 +1,6 @@
 """transcode: convert a batch of instances to the job's transfer syntax, one outcome per instance."""
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from tasks import transfer_syntax
 from tasks.decode_guard import DecodeGuardError, guarded, guarded_each
 from tasks.manifest import Instance
-from tasks.media_source import MediaError, Medium, RefusedFile, extract, open_medium
+from tasks.media_source import MediaError, Medium, RefusedFile, extract, opened_medium
 from tasks.reconcile import apply_edits
 from tasks.spool import JobSpool, atomic_writer, read_json, write_json
 from workers import progress
@@ -249,7 +248,7 @@ def prepare_import_batch(spool: JobSpool, number: int, medium: Medium | None = N
     prepared = {o["index"] for o in previous or [] if o["ok"]}  # as redo_failed: only the failed are redone
     request = read_json(spool.path / "request.json")
     send, reason = request.get("send", "negotiate"), request.get("reason", "COERCE")
-    with nullcontext(medium) if medium is not None else open_medium(Path(request["medium"])) as opened:
+    with opened_medium(request["medium"], medium) as opened:
         outcomes = prepare_import_instances(opened, spool, [i for i in instances if i.index not in prepared],
                                             send, reason)
     return redo_failed(outcome_path, instances, lambda instance: outcomes[instance.index])

@@ -110,6 +110,8 @@ from __future__ import annotations
 import math
 import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -864,30 +866,37 @@ def _write(ds: Dataset, syntax: UID, bytes_in: int, destination: Path, *, lossy:
     ds.file_meta = meta
     ds.preamble = b"\0" * 128
 
+    try:
+        with _partial_file(destination) as partial:
+            if _pixel_bytes(ds) <= _BUFFERED_WRITE_LIMIT:
+                # One write() of the whole file beats pydicom's many small ones by ~1 ms/slice.
+                buffer = BytesIO()
+                dcmwrite(buffer, ds, enforce_file_format=True)
+                bytes_out = partial.write_bytes(buffer.getbuffer())
+            else:
+                with open(partial, "wb", buffering=1 << 20) as stream:
+                    dcmwrite(stream, ds, enforce_file_format=True)
+                    bytes_out = stream.tell()
+    except (OSError, MemoryError):  # the spool's problem, not the instance's: fail the task
+        raise
+    except Exception as error:  # pydicom found an element it cannot encode (lazy parsing)
+        raise ConversionError(f"cannot encode the data set as {syntax.name}: {_first_line(error)}") from error
+    return ConversionResult(transfer_syntax=str(syntax), sop_instance_uid=str(sop_instance),
+                            bytes_in=bytes_in, bytes_out=bytes_out, lossy=lossy)
+
+
+@contextmanager
+def _partial_file(destination: Path) -> Iterator[Path]:
+    """``.<name>.part`` beside ``destination`` (the name a stopped guarded decode cleans up),
+    renamed into place when the block succeeds and removed when it fails."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.with_name("." + destination.name + ".part")
     try:
-        if _pixel_bytes(ds) <= _BUFFERED_WRITE_LIMIT:
-            # One write() of the whole file beats pydicom's many small ones by ~1 ms/slice.
-            buffer = BytesIO()
-            dcmwrite(buffer, ds, enforce_file_format=True)
-            bytes_out = partial.write_bytes(buffer.getbuffer())
-        else:
-            with open(partial, "wb", buffering=1 << 20) as stream:
-                dcmwrite(stream, ds, enforce_file_format=True)
-                bytes_out = stream.tell()
+        yield partial
         os.replace(partial, destination)
-    except (OSError, MemoryError):  # the spool's problem, not the instance's: fail the task
-        partial.unlink(missing_ok=True)
-        raise
-    except Exception as error:  # pydicom found an element it cannot encode (lazy parsing)
-        partial.unlink(missing_ok=True)
-        raise ConversionError(f"cannot encode the data set as {syntax.name}: {_first_line(error)}") from error
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    return ConversionResult(transfer_syntax=str(syntax), sop_instance_uid=str(sop_instance),
-                            bytes_in=bytes_in, bytes_out=bytes_out, lossy=lossy)
 
 
 def _file_meta(ds: Dataset, syntax: UID) -> tuple[FileMetaDataset, str]:
@@ -962,15 +971,8 @@ def _write_spliced(raw: bytes, splice: _Splice, ds: Dataset, bytes_in: int, dest
     parts = [header.getvalue(), raw[splice.dataset_start:splice.pixel_start],
              struct.pack("<HH2sHI", 0x7FE0, 0x0010, element.VR.encode(), 0, len(pixels)), pixels,
              raw[splice.pixel_end:]]
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_name("." + destination.name + ".part")
-    try:
-        with open(partial, "wb") as stream:
-            bytes_out = stream.write(b"".join(parts))
-        os.replace(partial, destination)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    with _partial_file(destination) as partial:
+        bytes_out = partial.write_bytes(b"".join(parts))
     return ConversionResult(transfer_syntax=str(EXPLICIT_VR_LITTLE_ENDIAN), sop_instance_uid=str(sop_instance),
                             bytes_in=bytes_in, bytes_out=bytes_out, lossy=False)
 

@@ -6,7 +6,7 @@ later stage has to read a header again.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -176,6 +176,28 @@ class ManifestBuilder:
         )
         self.manifest.instances.append(instance)
         return instance
+
+    def merge(self, part: Manifest) -> None:
+        """Append a manifest built from the files that follow (a later chunk of the same source):
+        its patients, studies and series join those already here, as one builder would have."""
+        patients = [self._join(self._patients, self.manifest.patients, level, -1) for level in part.patients]
+        studies = [self._join(self._studies, self.manifest.studies, level, patients[level.parent])
+                   for level in part.studies]
+        series = [self._join(self._series, self.manifest.series, level, studies[level.parent])
+                  for level in part.series]
+        for instance in part.instances:
+            self.manifest.instances.append(replace(
+                instance, index=len(self.manifest.instances), patient=patients[instance.patient],
+                study=studies[instance.study], series=series[instance.series]))
+        self.manifest.skipped += part.skipped
+        self.manifest.notes += part.notes
+
+    @staticmethod
+    def _join(index: dict[str, int], levels: list[Level], level: Level, parent: int) -> int:
+        if level.key not in index:
+            index[level.key] = len(levels)
+            levels.append(Level(key=level.key, parent=parent, attributes=level.attributes))
+        return index[level.key]
 
     def skip(self, source: Path | str, reason: str) -> None:
         self.manifest.skipped.append({"file": str(source), "reason": reason})

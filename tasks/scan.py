@@ -13,7 +13,7 @@ from tasks.manifest import Instance, Manifest, ManifestBuilder, as_json
 from tasks.media_scan import FoundInstance, MediaScan, scan_medium
 from tasks.media_source import open_medium
 from tasks.reconcile import PatientLookup, load_rules, plan_instance_edits, plan_patient_edits
-from tasks.spool import JobSpool, write_json
+from tasks.spool import JobSpool, read_json, write_json
 from workers import progress
 from workers.app import app
 from workers.job_control import ensure_not_cancelled
@@ -37,10 +37,14 @@ def walk_files(root: Path) -> Iterator[Path]:
                 yield path
 
 
-def scan_folder(root: Path, builder: ManifestBuilder) -> None:
-    if not root.is_dir():
-        raise SourceError(f"source folder not found: {root}")
-    for path in walk_files(root):
+SCAN_CHUNK_FILES = 250
+"""Files per header-reading task: a larger export source is read by several tasks at once."""
+
+
+def scan_files(paths: list[str], builder: ManifestBuilder) -> None:
+    """Read each file's header into ``builder``; a file that is not DICOM is listed as skipped."""
+    for name in paths:
+        path = Path(name)
         try:
             header = read_header(path)
         except NotDicomError as error:
@@ -57,17 +61,41 @@ def plan_conversions(manifest: Manifest, policy: str, profile: str | None = None
     return plan_profile_conversions(manifest, policy, profile, media)[1]
 
 
-def scan_export(spool: JobSpool) -> tuple[Manifest, list[int]]:
-    """Scan the job's source (folder or DICOM node) and plan its conversions."""
+def list_export_source(spool: JobSpool) -> int:
+    """Fetch the study into the spool when the source is a DICOM node; split the source's files
+    into chunks for :func:`scan_chunk`; return how many."""
     request: dict[str, Any] = spool.read(REQUEST)
-    builder = ManifestBuilder(spool.job_id, "export", request)
     source = request["source"]
     if "node" in source:
         from tasks.retrieve import retrieve_to_spool
         retrieve_to_spool(source, spool)
-        scan_folder(spool.source_dir, builder)
+        root = spool.source_dir
     else:
-        scan_folder(Path(source["folder"]), builder)
+        root = Path(source["folder"])
+    if not root.is_dir():
+        raise SourceError(f"source folder not found: {root}")
+    files = [str(path) for path in walk_files(root)]
+    count = -(-len(files) // SCAN_CHUNK_FILES)
+    for number in range(count):  # even chunks, in walk order
+        write_json(spool.batch_path("scan", number), files[number * len(files) // count:
+                                                            (number + 1) * len(files) // count])
+    return count
+
+
+def scan_chunk(spool: JobSpool, number: int) -> None:
+    """Read the headers of one chunk into a partial manifest in the spool."""
+    builder = ManifestBuilder(spool.job_id, "export", {})
+    scan_files(read_json(spool.batch_path("scan", number)), builder)
+    write_json(spool.outcome_path("scan", number), builder.manifest.to_json())
+
+
+def merge_scan(spool: JobSpool, chunk_count: int) -> tuple[Manifest, list[int]]:
+    """The job's manifest from its chunks (grouped as one pass over the files would have), with
+    its reports added and conversions planned; written to the spool."""
+    request: dict[str, Any] = spool.read(REQUEST)
+    builder = ManifestBuilder(spool.job_id, "export", request)
+    for number in range(chunk_count):
+        builder.merge(Manifest.from_json(read_json(spool.outcome_path("scan", number))))
     manifest = builder.manifest
     if not manifest.instances:
         raise SourceError(f"no DICOM instances found in the source ({len(manifest.skipped)} files skipped)")
@@ -77,16 +105,63 @@ def scan_export(spool: JobSpool) -> tuple[Manifest, list[int]]:
     return manifest, work
 
 
+def scan_export(spool: JobSpool) -> tuple[Manifest, list[int]]:
+    """Scan the job's source (folder or DICOM node) and plan its conversions, in this process
+    (the tasks run the same steps with the chunks in parallel)."""
+    return scan_chunks_here(spool, list_export_source(spool))
+
+
+def scan_chunks_here(spool: JobSpool, chunk_count: int) -> tuple[Manifest, list[int]]:
+    """Every chunk, one after the other, then the merge."""
+    for number in range(chunk_count):
+        scan_chunk(spool, number)
+    return merge_scan(spool, chunk_count)
+
+
 @app.task(bind=True, name="discflow.scan.export")
 def scan_export_task(self, job_id: str):
+    """List the source; a small one is scanned here, a larger one by a chunk task per
+    ``SCAN_CHUNK_FILES`` files, then :func:`merge_scan_task`."""
     ensure_not_cancelled(self, job_id)
     spool = JobSpool(get_settings().spool_dir, job_id)
     with stage_timer(self, job_id, "scan") as timing:
-        manifest, work = scan_export(spool)
+        chunk_count = list_export_source(spool)
+        if chunk_count <= 1:
+            manifest, work = scan_chunks_here(spool, chunk_count)
+            timing.count(len(manifest.instances), manifest.source_bytes(), 0)
+    if chunk_count > 1:
+        chunks = [scan_chunk_task.si(job_id, number) for number in range(chunk_count)]
+        return self.replace(chord(chunks, merge_scan_task.s(job_id)))
+    return _start_export(self, job_id, spool, manifest, work)
+
+
+@app.task(bind=True, name="discflow.scan.chunk")
+def scan_chunk_task(self, job_id: str, number: int) -> int:
+    ensure_not_cancelled(self, job_id)
+    spool = JobSpool(get_settings().spool_dir, job_id)
+    with stage_timer(self, job_id, "scan"):
+        scan_chunk(spool, number)
+    return number
+
+
+@app.task(bind=True, name="discflow.scan.merge")
+def merge_scan_task(self, _chunks: list, job_id: str):
+    from tasks.media import wait_for_batches
+
+    ensure_not_cancelled(self, job_id)
+    spool = JobSpool(get_settings().spool_dir, job_id)
+    wait_for_batches(self, spool, "scan", countdown=0.5)
+    with stage_timer(self, job_id, "scan") as timing:
+        manifest, work = merge_scan(spool, len(list((spool.path / "batches" / "scan").glob("*.json"))))
         timing.count(len(manifest.instances), manifest.source_bytes(), 0)
+    return _start_export(self, job_id, spool, manifest, work)
+
+
+def _start_export(task, job_id: str, spool: JobSpool, manifest: Manifest, work: list[int]):
+    """Write the transcode batches and hand on to them (or straight to the media)."""
     batch_count = write_batches(spool, manifest, work)
-    progress.set_total(self.app.conf.broker_url, job_id, "transcode", len(work))
-    return self.replace(export_canvas(job_id, batch_count))
+    progress.set_total(task.app.conf.broker_url, job_id, "transcode", len(work))
+    return task.replace(export_canvas(job_id, batch_count))
 
 
 def export_canvas(job_id: str, batch_count: int):

@@ -37,10 +37,6 @@ def walk_files(root: Path) -> Iterator[Path]:
                 yield path
 
 
-SCAN_CHUNK_FILES = 250
-"""Files per header-reading task: a larger export source is read by several tasks at once."""
-
-
 def scan_files(paths: list[str], builder: ManifestBuilder) -> None:
     """Read each file's header into ``builder``; a file that is not DICOM is listed as skipped."""
     for name in paths:
@@ -75,7 +71,7 @@ def list_export_source(spool: JobSpool) -> int:
     if not root.is_dir():
         raise SourceError(f"source folder not found: {root}")
     files = [str(path) for path in walk_files(root)]
-    count = -(-len(files) // SCAN_CHUNK_FILES)
+    count = -(-len(files) // max(1, get_settings().scan_chunk_files))
     for number in range(count):  # even chunks, in walk order
         write_json(spool.batch_path("scan", number), files[number * len(files) // count:
                                                             (number + 1) * len(files) // count])
@@ -121,7 +117,7 @@ def scan_chunks_here(spool: JobSpool, chunk_count: int) -> tuple[Manifest, list[
 @app.task(bind=True, name="discflow.scan.export")
 def scan_export_task(self, job_id: str):
     """List the source; a small one is scanned here, a larger one by a chunk task per
-    ``SCAN_CHUNK_FILES`` files, then :func:`merge_scan_task`."""
+    ``scan_chunk_files`` files (a setting), then :func:`merge_scan_task`."""
     ensure_not_cancelled(self, job_id)
     spool = JobSpool(get_settings().spool_dir, job_id)
     with stage_timer(self, job_id, "scan") as timing:

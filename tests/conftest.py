@@ -96,6 +96,8 @@ def system_redis(spool: Path) -> Iterator[str]:
 
 
 @pytest.fixture
-def system_cluster(system_redis: str, tmp_path: Path) -> Iterator[str]:
-    """The machine's own Redis with two worker processes, as a department would run it."""
+def system_cluster(system_redis: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The machine's own Redis with two worker processes, as a department would run it; exports
+    scan in chunks of 64 files here (the embedded cluster keeps one chunk), so both paths run."""
+    monkeypatch.setenv("DISCFLOW_SCAN_CHUNK_FILES", "64")
     yield from _cluster(system_redis, count=2, concurrency=1, log_dir=tmp_path)

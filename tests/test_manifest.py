@@ -87,3 +87,24 @@ def test_manifest_json_equals_asdict() -> None:
         assert _dumps(as_json(instance)) == _dumps(asdict(instance))
     again = Manifest.from_json(json.loads(_dumps(manifest.to_json())))
     assert _dumps(again.to_json()) == _dumps(manifest.to_json())
+
+
+def test_chunks_merged_give_the_manifest_of_one_pass(tmp_path) -> None:
+    """The export scan's chunk tasks each build a partial manifest and the merge joins them: the
+    result must be the manifest one pass over the same files builds (levels shared across chunks
+    keep the first file's attributes, indices follow file order, skipped files stay in order)."""
+    from tasks.scan import scan_files
+
+    names = [*TEST_FILES, *CHARSET_FILES, "CT_small.dcm", "MR_small.dcm"]  # the last two repeat levels
+    (tmp_path / "notes.txt").write_text("not DICOM")
+    paths = [_path(name) for name in names]
+    paths.insert(5, str(tmp_path / "notes.txt"))
+    whole = ManifestBuilder("unit", "export", {})
+    scan_files(paths, whole)
+    merged = ManifestBuilder("unit", "export", {})
+    for chunk in (paths[:3], paths[3:11], paths[11:12], paths[12:]):
+        part = ManifestBuilder("unit", "export", {})
+        scan_files(chunk, part)
+        merged.merge(Manifest.from_json(json.loads(_dumps(part.manifest.to_json()))))  # as the spool holds it
+    assert len(whole.manifest.patients) > 3 and len(whole.manifest.instances) > len(whole.manifest.series)
+    assert whole.manifest.skipped and _dumps(merged.manifest.to_json()) == _dumps(whole.manifest.to_json())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -12,7 +13,7 @@ from tasks.dimse import Node, store_files
 from tasks.manifest import Manifest
 from tasks.media_source import MediaError, Medium, open_medium, opened_medium
 from tasks.spool import JobSpool, read_json, write_json
-from workers import progress
+from workers import batch_events, progress
 from workers.app import app
 from workers.job_control import ensure_not_cancelled
 from workers.settings import get_settings
@@ -136,19 +137,32 @@ def import_batch_task(self, job_id: str, number: int) -> dict[str, int]:
 
 
 def _timed_store(task, job_id: str, number: int, part: str = "", medium: Medium | None = None) -> dict[str, int]:
+    broker = task.app.conf.broker_url
+    batch_events.started(broker, job_id, number)
     with stage_timer(task, job_id, "store", part) as timing:
         if part:
             timing.queue_wait = 0.0  # the task waited in the queue once: counted with its first part
         results = store_batch(_spool(job_id), number, medium)
         sent = sum(r.bytes for r in results if r.ok)
         timing.count(len(results), sent, sent)
-    progress.advance(task.app.conf.broker_url, job_id, "store", len(results))
+    batch_events.finished(broker, job_id, number)
+    progress.advance(broker, job_id, "store", len(results))
     return {"batch": number, "ok": sum(r.ok for r in results), "failed": sum(not r.ok for r in results)}
+
+
+FINISH_BLOCK_SECONDS = 5.0
+"""How long the finish may block on batches running elsewhere before it polls again."""
 
 
 @app.task(bind=True, name="discflow.store.finish")
 def finish_import_task(self, _batches: list, job_id: str) -> dict[str, Any]:
     from tasks.media import wait_for_batches
-    wait_for_batches(self, _spool(job_id), "store", countdown=0.1)
+
+    spool = _spool(job_id)
+    deadline = time.monotonic() + FINISH_BLOCK_SECONDS
+    while (missing := spool.unfinished_batches("store")) and time.monotonic() < deadline:
+        if not batch_events.wait_for_one(self.app.conf.broker_url, job_id, missing, deadline - time.monotonic()):
+            break  # a batch is still queued: give this process back to it, come back in 0.1 s
+    wait_for_batches(self, spool, "store", countdown=0.1)
     with stage_timer(self, job_id, "store"):
-        return finish_import(_spool(job_id))
+        return finish_import(spool)

@@ -17,3 +17,13 @@ def job_progress(job_id: str) -> str:
 def job_cancelled(job_id: str) -> str:
     """Set when an operator cancels the job; every task of the job checks it first."""
     return f"{PREFIX}:job:{job_id}:cancelled"
+
+
+def job_batches_running(job_id: str) -> str:
+    """Set of the import's store batches that have started (see workers.batch_events)."""
+    return f"{PREFIX}:job:{job_id}:batches-running"
+
+
+def job_batches_done(job_id: str) -> str:
+    """List with one entry per store batch finished, for the import's finish to block on."""
+    return f"{PREFIX}:job:{job_id}:batches-done"

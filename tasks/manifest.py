@@ -15,6 +15,8 @@ from pydicom import Dataset
 from pydicom.datadict import tag_for_keyword
 from pydicom.tag import BaseTag
 
+from tasks.raw_json import raw_json
+
 PATIENT_KEYWORDS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex")
 STUDY_KEYWORDS = ("StudyInstanceUID", "StudyDate", "StudyTime", "StudyDescription", "StudyID",
                   "AccessionNumber", "ReferringPhysicianName")
@@ -44,12 +46,14 @@ def subset_json(dataset: Dataset, keywords: tuple[str, ...]) -> dict[str, Any]:
 
     Element by element, in ``keywords`` order: the same dict ``Dataset.to_json_dict`` gives for a
     Dataset holding just these elements (tests/test_manifest.py checks), without building that
-    Dataset and resolving each keyword to a tag per call, which cost most of scan's CPU time.
+    Dataset and resolving each keyword to a tag per call, which cost most of scan's CPU time;
+    plain elements still raw are converted from their bytes (:mod:`tasks.raw_json`).
     """
     json_dict: dict[str, Any] = {}
     for tag, json_key in _json_tags(keywords):
-        if tag in dataset:
-            json_dict[json_key] = dataset[tag].to_json_dict(None, _BULK_DATA_THRESHOLD)
+        element = dataset.get_item(tag, keep_deferred=True)
+        if element is not None:
+            json_dict[json_key] = raw_json(element) or dataset[tag].to_json_dict(None, _BULK_DATA_THRESHOLD)
     return json_dict
 
 

@@ -108,3 +108,38 @@ def test_chunks_merged_give_the_manifest_of_one_pass(tmp_path) -> None:
         merged.merge(Manifest.from_json(json.loads(_dumps(part.manifest.to_json()))))  # as the spool holds it
     assert len(whole.manifest.patients) > 3 and len(whole.manifest.instances) > len(whole.manifest.series)
     assert whole.manifest.skipped and _dumps(merged.manifest.to_json()) == _dumps(whole.manifest.to_json())
+
+
+def test_raw_json_converts_plain_elements_from_their_bytes() -> None:
+    """The fast path must be taken (else the comparisons above prove nothing about it) and agree
+    with pydicom on every plain element of every pydicom test file it takes."""
+    from pathlib import Path
+
+    from pydicom.dataelem import RawDataElement
+
+    from tasks.raw_json import raw_json
+
+    def raw(vr: str, value: bytes) -> RawDataElement:
+        return RawDataElement(0x00280030, vr, len(value), value, 0, False, True)
+
+    assert raw_json(raw("US", b"\x00\x02")) == {"vr": "US", "Value": [512]}
+    assert raw_json(raw("DS", b"0.5\\-2e3 ")) == {"vr": "DS", "Value": [0.5, -2000.0]}
+    assert raw_json(raw("CS", b"ORIGINAL\\PRIMARY\\AXIAL ")) == {"vr": "CS", "Value": ["ORIGINAL", "PRIMARY", "AXIAL"]}
+    assert raw_json(raw("UI", b"  \x00")) == {"vr": "UI"}
+    assert raw_json(raw("IS", b"1.5")) is None and raw_json(raw("LO", b"ABC")) is None  # left to pydicom
+    assert raw_json(raw("CS", "É".encode("latin-1"))) is None
+    taken = 0
+    local = Path(pydicom.data.__file__).parent  # local files only (get_testdata_files downloads)
+    external = Path(pydicom.__file__).parents[1] / "data_store" / "data"  # pydicom-data's real images
+    for path in [*sorted(local.rglob("*.dcm")), *sorted(external.glob("*.dcm"))]:
+        try:
+            dataset = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+            tags = list(dataset.keys())
+        except Exception:  # noqa: BLE001 - pydicom's deliberately broken test files
+            continue
+        for tag in tags:
+            fast = raw_json(dataset.get_item(tag, keep_deferred=True))
+            if fast is not None:
+                taken += 1
+                assert _dumps(fast) == _dumps(dataset[tag].to_json_dict(None, 1 << 20)), (path, tag)
+    assert taken > 5000

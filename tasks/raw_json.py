@@ -1,0 +1,53 @@
+"""DICOM JSON (PS3.18 F) of a header element still in its raw, undecoded form, for the plain VRs.
+
+The scan converts ~25 attributes of every instance to DICOM JSON for the manifest. Through
+pydicom (raw element -> DataElement -> ``to_json_dict``) that cost ~20 us per element, more
+than reading the header. For the VRs whose value is plain ASCII text or little-endian numbers
+the JSON follows from the bytes directly; this returns ``None`` for anything else (another VR,
+a byte outside printable ASCII, a number pydicom would read differently), and the caller
+converts that element with pydicom. tests/test_manifest.py checks both give the same JSON.
+"""
+from __future__ import annotations
+
+import re
+import struct
+from typing import Any
+
+from pydicom.dataelem import RawDataElement
+
+_TEXT_VRS = frozenset({"UI", "CS", "DA", "TM", "DT", "AS"})
+"""Split at backslashes after trailing spaces and NULs go; no character set applies."""
+_PRINTABLE = re.compile(rb"[\x20-\x7e]*\x00?\Z")
+_IS = re.compile(r" *[+-]?[0-9]+ *\Z")
+_DS = re.compile(r" *[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)? *\Z")
+_NUMBERS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
+
+
+def raw_json(element: Any) -> dict[str, Any] | None:
+    """``{"vr": ..., "Value": [...]}`` as pydicom's ``to_json_dict`` would give it, or ``None``
+    when this element needs pydicom."""
+    if not isinstance(element, RawDataElement) or element.VR is None or element.value is None:
+        return None
+    vr, value = element.VR, element.value
+    if not value:
+        return {"vr": vr} if vr in _TEXT_VRS or vr in _NUMBERS or vr in ("IS", "DS") else None
+    if vr in _NUMBERS:
+        return _numbers(vr, value, element.is_little_endian)
+    if not _PRINTABLE.match(value):
+        return None
+    items = value.decode("ascii").rstrip(" \x00").split("\\")
+    if vr in _TEXT_VRS:
+        return {"vr": vr} if items == [""] else {"vr": vr, "Value": items}
+    if vr == "IS" and all(_IS.match(item) for item in items):
+        return {"vr": vr, "Value": [int(item) for item in items]}
+    if vr == "DS" and all(_DS.match(item) for item in items):
+        return {"vr": vr, "Value": [float(item) for item in items]}
+    return None
+
+
+def _numbers(vr: str, value: bytes, little_endian: bool) -> dict[str, Any] | None:
+    code = _NUMBERS[vr]
+    size = struct.calcsize(code)
+    if not little_endian or len(value) % size:
+        return None
+    return {"vr": vr, "Value": list(struct.unpack(f"<{len(value) // size}{code}", value))}

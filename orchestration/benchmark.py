@@ -485,13 +485,14 @@ def run_bench(options: BenchOptions, say: Say) -> dict[str, Any]:
     corpus = ensure_corpus(options, say)
     work = Path(tempfile.mkdtemp(prefix="discflow-bench-", dir=_parent(corpus_home(options))))
     results = Results(say)
+    counters = _cpu_counters()
     try:
         with bench_environment(work):
             bench = Bench(options, corpus, work, Cluster(work / "logs", options.concurrency), results)
             _measure_all(bench, say)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report = report_json(results, _context(options, corpus))
+    report = report_json(results, _context(options, corpus, _steal_percent(counters, _cpu_counters())))
     if bench.profile:
         report["profile"] = bench.profile
     return report
@@ -541,14 +542,32 @@ def _orthancs(work: Path, while_starting: Callable[[], Any]) -> Iterator[dict[st
             peer.stop(graceful=False)  # a throw-away PACS: its folder goes with the bench's
 
 
-def _context(options: BenchOptions, corpus: Corpus) -> dict[str, Any]:
+def _cpu_counters() -> tuple[int, int] | None:
+    """(stolen, total) CPU time of all CPUs in jiffies, from /proc/stat; None where there is none."""
+    try:
+        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return fields[7], sum(fields)
+
+
+def _steal_percent(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of CPU time the hypervisor gave other guests during the run: on a shared VM the
+    figures move with it, so the report says how much there was."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return round(100 * (after[0] - before[0]) / (after[1] - before[1]), 1)
+
+
+def _context(options: BenchOptions, corpus: Corpus, steal_percent: float | None = None) -> dict[str, Any]:
     import platform
     return {
         "options": {"images": options.images, "modality": options.modality, "runs": options.runs,
                     "concurrency": options.concurrency, "batch_sizes": list(options.batch_sizes),
                     "default_batch_size": get_settings().batch_size,
                     "broker": "configured" if get_settings().broker_url else "embedded"},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "cpu_steal_percent": steal_percent},
         "tools": peers.tool_versions(),
         "corpus": {**_corpus_fields(corpus), "ratio": round(corpus.ratio, 3)},
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -256,7 +256,12 @@ def _header(report: dict[str, Any]) -> str:
             f"{corpus['jpeg_bytes'] / 1e6:.0f} MB JPEG lossless (ratio {corpus['ratio']:.2f}:1). "
             f"Medians of {options['runs']} runs; steady state: one Redis and one worker with "
             f"{options['concurrency']} processes already running. Machine: {machine['cpus']} CPUs, "
-            f"{machine['platform']}. Ratio = peer time / discflow time (> 1: discflow is faster).")
+            f"{machine['platform']}{_steal(machine)}. Ratio = peer time / discflow time (> 1: discflow is faster).")
+
+
+def _steal(machine: dict[str, Any]) -> str:
+    steal = machine.get("cpu_steal_percent")
+    return "" if steal is None else f"; CPU time taken by the hypervisor for other guests during the run: {steal:.1f} %"
 
 
 def _table2(rows: dict[str, dict[str, Any]], report: dict[str, Any]) -> str:

@@ -262,13 +262,21 @@ def plan_media_task(self, _batches: list, job_id: str):
     ensure_not_cancelled(self, job_id)
     spool = _spool(job_id)
     wait_for_batches(self, spool, "transcode")
-    with stage_timer(self, job_id, "media"):
+    return self.replace(media_canvas(self, job_id, spool))
+
+
+def media_canvas(task, job_id: str, spool: JobSpool, part: str = ""):
+    """Plan the volumes (timed as the media stage; ``part`` names it inside another stage's task),
+    then assemble[volume 1..n] -> finish."""
+    with stage_timer(task, job_id, "media", part) as timing:
+        if part:
+            timing.queue_wait = 0.0  # the task's queue wait is counted with its own stage
         volume_count = plan_media(spool)
     if not volume_count:
-        return self.replace(finish_export_task.si([], job_id))
-    progress.set_total(self.app.conf.broker_url, job_id, "media", volume_count)
+        return finish_export_task.si([], job_id)
+    progress.set_total(task.app.conf.broker_url, job_id, "media", volume_count)
     header = [assemble_volume_task.si(job_id, n) for n in range(1, volume_count + 1)]
-    return self.replace(chord(header, finish_export_task.s(job_id)))
+    return chord(header, finish_export_task.s(job_id))
 
 
 def wait_for_batches(task, spool: JobSpool, stage: str, outcome_stage: str | None = None,

@@ -154,9 +154,14 @@ def merge_scan_task(self, _chunks: list, job_id: str):
 
 
 def _start_export(task, job_id: str, spool: JobSpool, manifest: Manifest, work: list[int]):
-    """Write the transcode batches and hand on to them (or straight to the media)."""
+    """Write the transcode batches and hand on to them; with nothing to transcode, plan the
+    volumes here and hand on to their assembly (a task and a hop fewer)."""
+    from tasks.media import media_canvas
+
     batch_count = write_batches(spool, manifest, work)
     progress.set_total(task.app.conf.broker_url, job_id, "transcode", len(work))
+    if not batch_count:
+        return task.replace(media_canvas(task, job_id, spool, part="plan"))
     return task.replace(export_canvas(job_id, batch_count))
 
 
@@ -203,7 +208,7 @@ class ImportPlanner:
         self.batch_count = 0
         self._lookup, self._on_batch = lookup, on_batch
         self._wanted = set(request.get("studies") or [])
-        self._batch_size = int(request.get("batch_size") or get_settings().batch_size)
+        self._batch_size = int(request.get("batch_size") or get_settings().import_batch_size)
         self._patient_edits: dict[int, dict[str, str]] = {}
         self._batch: list[Instance] = []
 

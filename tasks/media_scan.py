@@ -43,6 +43,7 @@ from pydicom.uid import (
 
 from tasks.manifest import _patient_key as patient_key_of
 from tasks.media_source import MediaFile, Medium, RefusedFile, normalise_name
+from tasks.raw_json import plain_get
 
 HEADER_DEFER_BYTES = 256 << 10
 """Header values longer than this are not read; they are left out of ``FoundInstance.header``."""
@@ -312,17 +313,17 @@ def _read_dicomdir(medium: Medium, entry: MediaFile, scan: MediaScan) -> list[_R
     records = []
     for index, item in enumerate(sequence, start=1):
         try:
-            file_id = item.get("ReferencedFileID")
+            file_id = plain_get(item, "ReferencedFileID")
             if file_id is None or file_id == "":
                 continue
             components = [str(part).strip() for part in (file_id if not isinstance(file_id, str) else [file_id])]
             records.append(_Record(
                 index=index,
-                record_type=str(item.get("DirectoryRecordType", "") or "").strip(),
+                record_type=str(plain_get(item, "DirectoryRecordType") or "").strip(),
                 file_id="\\".join(components),
-                sop_class_uid=_clean_uid(item.get("ReferencedSOPClassUIDInFile", "")),
-                sop_instance_uid=_clean_uid(item.get("ReferencedSOPInstanceUIDInFile", "")),
-                transfer_syntax=_clean_uid(item.get("ReferencedTransferSyntaxUIDInFile", "")),
+                sop_class_uid=_clean_uid(plain_get(item, "ReferencedSOPClassUIDInFile")),
+                sop_instance_uid=_clean_uid(plain_get(item, "ReferencedSOPInstanceUIDInFile")),
+                transfer_syntax=_clean_uid(plain_get(item, "ReferencedTransferSyntaxUIDInFile")),
             ))
         except Exception as exc:  # noqa: BLE001 - one bad record costs that record only
             scan.dicomdir_problems.append(f"DICOMDIR record #{index} unreadable ({type(exc).__name__}: {exc})")
@@ -532,13 +533,13 @@ def _at_pixel_data(tag, vr, length) -> bool:
 
 def _accept(entry: MediaFile, dataset: Dataset, transfer_syntax: str, implicit: bool, little: bool,
             stream: _WatchedStream, kind: str, *, max_pixels: int, scan: MediaScan) -> FoundInstance:
-    sop_class_uid = _clean_uid(dataset.get("SOPClassUID", ""))
+    sop_class_uid = _clean_uid(plain_get(dataset, "SOPClassUID"))
     if sop_class_uid == MEDIA_STORAGE_DIRECTORY:
         raise _Skipped("skipped: a DICOMDIR, not an instance")
     uids = {}
     missing = []
     for keyword, label in REQUIRED_UIDS:
-        value = _clean_uid(dataset.get(keyword, ""))
+        value = _clean_uid(plain_get(dataset, keyword))
         if not value:
             missing.append(label)
         elif not _UID.match(value):
@@ -619,7 +620,7 @@ def _check_pixels(entry: MediaFile, dataset: Dataset, transfer_syntax: str, impl
     if transfer_syntax in NATIVE_SYNTAXES:
         if not bits:
             raise _Refused(f"{label} without Bits Allocated")
-        stored_samples = 2 if str(dataset.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422" \
+        stored_samples = 2 if str(plain_get(dataset, "PhotometricInterpretation")).strip() == "YBR_FULL_422" \
             and samples == 3 else samples
         needed = (rows * columns * frames * stored_samples * bits + 7) // 8
         if needed > length:
@@ -656,7 +657,7 @@ def _check_fragments(stream: _WatchedStream, position: int, size: int, label: st
 
 
 def _int_attribute(dataset: Dataset, keyword: str, default: int = 0) -> int:
-    value = dataset.get(keyword)
+    value = plain_get(dataset, keyword, None)
     if value is None or value == "":
         return default
     try:

@@ -117,7 +117,9 @@ def test_raw_json_converts_plain_elements_from_their_bytes() -> None:
 
     from pydicom.dataelem import RawDataElement
 
-    from tasks.raw_json import raw_json
+    from pydicom.multival import MultiValue
+
+    from tasks.raw_json import plain_get, raw_json
 
     def raw(vr: str, value: bytes) -> RawDataElement:
         return RawDataElement(0x00280030, vr, len(value), value, 0, False, True)
@@ -141,5 +143,10 @@ def test_raw_json_converts_plain_elements_from_their_bytes() -> None:
             fast = raw_json(dataset.get_item(tag, keep_deferred=True))
             if fast is not None:
                 taken += 1
+                keyword = keyword_for_tag(tag)
+                quick = plain_get(dataset, keyword, None) if keyword else None  # before pydicom converts it
                 assert _dumps(fast) == _dumps(dataset[tag].to_json_dict(None, 1 << 20)), (path, tag)
+                if keyword:
+                    slow = dataset.get(keyword, None)
+                    assert quick == (list(slow) if isinstance(slow, MultiValue) else slow), (path, keyword)
     assert taken > 5000

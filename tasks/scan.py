@@ -270,6 +270,7 @@ def scan_import(spool: JobSpool, on_batch: Callable[[int, list[Instance]], None]
 @app.task(bind=True, name="discflow.scan.import")
 def scan_import_task(self, job_id: str):
     from tasks.store import finish_import_task
+    from tasks.transcode import needs_decode
 
     ensure_not_cancelled(self, job_id)
     spool = JobSpool(get_settings().spool_dir, job_id)
@@ -277,7 +278,7 @@ def scan_import_task(self, job_id: str):
 
     def store_at_once(number: int, instances: list[Instance]) -> None:
         write_json(spool.batch_path("store", number), [as_json(instance) for instance in instances])
-        batch_canvas(job_id, number, send).apply_async()
+        batch_canvas(job_id, number, send, decodes=any(needs_decode(i, send) for i in instances)).apply_async()
 
     with stage_timer(self, job_id, "scan") as timing:
         manifest = scan_import(spool, store_at_once)  # every batch, the last one too, is started here
@@ -288,14 +289,15 @@ def scan_import_task(self, job_id: str):
     return self.replace(finish_import_task.si([], job_id))  # it waits until every batch's outcome is in
 
 
-def batch_canvas(job_id: str, number: int, send: str):
-    """One import batch: prepare (on the transcode queue, it may decode) -> store when the send
-    mode decompresses; else prepare and store in one task on the store queue."""
+def batch_canvas(job_id: str, number: int, send: str, decodes: bool = True):
+    """One import batch: prepare (on the transcode queue, it decodes) -> store when the send mode
+    decompresses and the batch holds compressed instances (``decodes``); else prepare and store
+    in one task on the store queue."""
     from celery import chain
     from tasks.store import import_batch_task, store_batch_task
     from tasks.transcode import prepare_import_batch_task
 
-    if send != "uncompressed":
+    if send != "uncompressed" or not decodes:
         return import_batch_task.si(job_id, number)
     return chain(prepare_import_batch_task.si(job_id, number), store_batch_task.si(job_id, number))
 

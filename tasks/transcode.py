@@ -107,7 +107,8 @@ def _failure_reason(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _needs_decode(instance: Instance, send: str) -> bool:
+def needs_decode(instance: Instance, send: str) -> bool:
+    """Whether sending ``instance`` in mode ``send`` needs its pixel data decoded first."""
     return send == "uncompressed" and transfer_syntax.needs_conversion(instance.transfer_syntax,
                                                                       ExplicitVRLittleEndian)
 
@@ -140,7 +141,7 @@ def prepare_import_instance(medium: Medium, spool: JobSpool, instance: Instance,
     try:
         extracted, size = _extract_instance(medium, spool, instance, reason)
         decoded = None
-        if _needs_decode(instance, send):
+        if needs_decode(instance, send):
             decoded = True, _guarded_decode(extracted, _imported_path(spool, instance.index, "-raw"),
                                             instance.source)
     except Exception as error:  # noqa: BLE001 — one bad file must not fail its batch
@@ -195,7 +196,7 @@ def _sent_from_medium(medium: Medium, instance: Instance, send: str) -> bool:
     beneath its root without following links, like extract): a copy into the spool cost ~1 ms of
     file creation per instance plus a second read, and protected nothing more."""
     return (medium.kind == "folder" and instance.action == "copy" and not instance.edits
-            and not _needs_decode(instance, send))
+            and not needs_decode(instance, send))
 
 
 def _left_on_medium(medium: Medium, instance: Instance) -> Outcome:
@@ -226,7 +227,7 @@ def prepare_import_instances(medium: Medium, spool: JobSpool, instances: list[In
             outcomes[instance.index] = Outcome(instance.index, False, reason=_failure_reason(error),
                                                bytes_in=instance.size)
             continue
-        if _needs_decode(instance, send):
+        if needs_decode(instance, send):
             extracted.append((instance, path, size))
         else:
             outcomes[instance.index] = _prepared(spool, instance, size)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,8 @@ def list_export_source(spool: JobSpool) -> int:
         raise SourceError(f"source folder not found: {root}")
     files = [str(path) for path in walk_files(root)]
     count = -(-len(files) // max(1, get_settings().scan_chunk_files))
+    for stale in (spool.batch_path("scan", 0).parent, spool.outcome_path("scan", 0).parent):
+        shutil.rmtree(stale, ignore_errors=True)  # a scan run again: its chunks are this listing's only
     for number in range(count):  # even chunks, in walk order
         write_json(spool.batch_path("scan", number), files[number * len(files) // count:
                                                             (number + 1) * len(files) // count])
@@ -127,7 +130,7 @@ def scan_export_task(self, job_id: str):
             timing.count(len(manifest.instances), manifest.source_bytes(), 0)
     if chunk_count > 1:
         chunks = [scan_chunk_task.si(job_id, number) for number in range(chunk_count)]
-        return self.replace(chord(chunks, merge_scan_task.s(job_id)))
+        return self.replace(chord(chunks, merge_scan_task.s(job_id, chunk_count)))
     return _start_export(self, job_id, spool, manifest, work)
 
 
@@ -141,14 +144,14 @@ def scan_chunk_task(self, job_id: str, number: int) -> int:
 
 
 @app.task(bind=True, name="discflow.scan.merge")
-def merge_scan_task(self, _chunks: list, job_id: str):
+def merge_scan_task(self, _chunks: list, job_id: str, chunk_count: int):
     from tasks.media import wait_for_batches
 
     ensure_not_cancelled(self, job_id)
     spool = JobSpool(get_settings().spool_dir, job_id)
     wait_for_batches(self, spool, "scan", countdown=0.5)
     with stage_timer(self, job_id, "scan") as timing:
-        manifest, work = merge_scan(spool, len(list((spool.path / "batches" / "scan").glob("*.json"))))
+        manifest, work = merge_scan(spool, chunk_count)
         timing.count(len(manifest.instances), manifest.source_bytes(), 0)
     return _start_export(self, job_id, spool, manifest, work)
 

@@ -150,3 +150,33 @@ def test_raw_json_converts_plain_elements_from_their_bytes() -> None:
                     slow = dataset.get(keyword, None)
                     assert quick == (list(slow) if isinstance(slow, MultiValue) else slow), (path, keyword)
     assert taken > 5000
+
+
+def test_a_scan_run_again_keeps_no_chunk_of_the_last_listing(tmp_path, monkeypatch) -> None:
+    """A rescan (resume of a job whose scan never finished) must not merge chunks of an older
+    listing, nor wait for their outcomes."""
+    import shutil
+
+    from tasks.scan import REQUEST, list_export_source, scan_chunk
+    from tasks.spool import JobSpool
+    from workers.settings import reload_settings
+
+    monkeypatch.setenv("DISCFLOW_SCAN_CHUNK_FILES", "2")
+    reload_settings()
+    try:
+        source = tmp_path / "source"
+        source.mkdir()
+        for number in range(5):
+            shutil.copy(_path("CT_small.dcm"), source / f"{number}.dcm")
+        spool = JobSpool(tmp_path / "spool", "rescan").create()
+        spool.write(REQUEST, {"source": {"folder": str(source)}})
+        assert list_export_source(spool) == 3
+        scan_chunk(spool, 2)
+        for number in range(3):
+            (source / f"{number}.dcm").unlink()
+        assert list_export_source(spool) == 1
+        assert [p.name for p in (spool.path / "batches" / "scan").iterdir()] == ["000000.json"]
+        assert not (spool.path / "outcomes" / "scan").exists()
+    finally:
+        monkeypatch.undo()
+        reload_settings()

@@ -15,7 +15,7 @@ from tasks.media_scan import FoundInstance, MediaScan, scan_medium
 from tasks.media_source import open_medium
 from tasks.reconcile import PatientLookup, load_rules, plan_instance_edits, plan_patient_edits
 from tasks.spool import JobSpool, read_json, write_json
-from workers import progress
+from workers import batch_events, progress
 from workers.app import app
 from workers.job_control import ensure_not_cancelled
 from workers.settings import get_settings
@@ -326,6 +326,7 @@ def resume_job_task(self, job_id: str, kind: str):
     stage = "transcode" if kind == "export" else "store"
     batch_count = len(list((spool.path / "batches" / stage).glob("*.json")))
     progress.restart(self.app.conf.broker_url, job_id)
+    batch_events.restart(self.app.conf.broker_url, job_id)  # a batch the last run left "running" runs again
     if kind == "export":
         return self.replace(export_canvas(job_id, batch_count))
     return self.replace(import_canvas(job_id, batch_count, spool.read(REQUEST).get("send", "negotiate")))

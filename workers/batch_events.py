@@ -20,6 +20,11 @@ def finished(broker_url: str, job_id: str, number: int) -> None:
     redis_client(broker_url).pipeline().rpush(key, number).expire(key, EXPIRE_SECONDS).execute()
 
 
+def restart(broker_url: str, job_id: str) -> None:
+    """Forget the last run's batches (a resumed job runs its unfinished ones again)."""
+    redis_client(broker_url).delete(redis_keys.job_batches_running(job_id), redis_keys.job_batches_done(job_id))
+
+
 def wait_for_one(broker_url: str, job_id: str, missing: list[int], timeout: float) -> bool:
     """Block until some batch finishes (at most ``timeout`` s) when all of ``missing`` are running;
     False at once when one of them has not started."""

@@ -42,16 +42,14 @@ class Settings(BaseSettings):
     """AuditSourceID in audit messages; None: this host's name."""
 
     batch_size: int = 50
-    """Instances per transcode task of an export (docs/performance.md: per-task overhead)."""
+    """Instances per transcode task of an export. Each task costs ~10-20 ms of Celery; batches of
+    10-200 export within ~10 % of each other on 2 processes (docs/performance.md: per-task
+    overhead), and 10 tasks per 500-image study still balance over up to ~5 worker processes."""
     import_batch_size: int = 100
     """Instances per store task of an import: each opens its own associations, and a PACS pays for
     every one it sets up (Orthanc ingests 500 JPEG slices 5-10 % faster in batches of 100 than of 50)."""
     scan_chunk_files: int = 250
     """Files per header-reading task of an export: a larger source is scanned by several at once."""
-    """Instances per transcode/store task. Each task costs ~10 ms of Celery plus, on import, opening
-    the medium and its associations: at 50 an import of 500 CT slices used 25 % less worker CPU
-    than at 25, and the transcode-heavy export was fastest on 2 processes (docs/performance.md);
-    10 tasks per 500-image study still balance over up to ~5 worker processes."""
     worker_concurrency: int = 0
     """Processes per embedded worker; 0 means one per CPU."""
     job_timeout_seconds: float = 3600.0

@@ -43,6 +43,7 @@ from pydicom.uid import (
 
 from tasks.manifest import _patient_key as patient_key_of
 from tasks.media_source import MediaFile, Medium, RefusedFile, normalise_name
+from tasks.part10 import LONG_VRS, SHORT_VRS
 from tasks.raw_json import plain_get
 
 HEADER_DEFER_BYTES = 256 << 10
@@ -68,9 +69,7 @@ NON_DICOM_RECORD_TYPES = {"HL7 STRUC DOC"}
 """Directory records whose referenced file is not a DICOM dataset."""
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-_VRS = _LONG_VRS | {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT",
-                    b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}
+_VRS = LONG_VRS | SHORT_VRS
 _ITEM, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE0DD
 
 Severity = Literal["error", "warning"]
@@ -393,7 +392,7 @@ def _sniff(head: bytes) -> str | None:
         return None
     vr = head[4:6]
     if vr in _VRS:
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             return "bare" if head[6:8] == b"\x00\x00" else None
         length = struct.unpack_from("<H", head, 6)[0]
         return "bare" if length <= 1024 else None
@@ -418,7 +417,7 @@ def _parse_meta(stream: _WatchedStream) -> tuple[dict[int, str], int]:
         if group != 0x0002:
             break
         vr = header[4:6]
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             extra = stream.read(4)
             if len(extra) < 4:
                 break
@@ -586,7 +585,7 @@ def _check_pixels(entry: MediaFile, dataset: Dataset, transfer_syntax: str, impl
     else:
         if len(header) < 8:
             raise _Refused(f"claims more pixel data than it holds: the {label} element is cut off")
-        if header[4:6] in _LONG_VRS:
+        if header[4:6] in LONG_VRS:
             if len(header) < 12:
                 raise _Refused(f"claims more pixel data than it holds: the {label} element is cut off")
             length, header_length = struct.unpack_from(endian + "L", header, 8)[0], 12

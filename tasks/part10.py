@@ -14,9 +14,10 @@ from dataclasses import dataclass
 META_PROBE = 16_384
 """Bytes to read for :func:`read_file_meta`; a longer meta is left to pydicom."""
 
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-_SHORT_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN",
-              b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}
+LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+"""Explicit VRs with a 2-byte pad and a 4-byte length; SHORT_VRS have a 2-byte length."""
+SHORT_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN",
+                       b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"})
 
 
 @dataclass(frozen=True)
@@ -39,11 +40,11 @@ def read_file_meta(head: bytes) -> FileMeta | None:
         if group != 0x0002:
             return _meta(values, offset)
         vr = head[offset + 4:offset + 6]
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             if offset + 12 > len(head):
                 return None
             length, start = struct.unpack_from("<I", head, offset + 8)[0], offset + 12
-        elif vr in _SHORT_VRS:
+        elif vr in SHORT_VRS:
             length, start = struct.unpack_from("<H", head, offset + 6)[0], offset + 8
         else:
             return None  # not Explicit VR, as PS3.10 requires of the meta

@@ -262,7 +262,6 @@ def _wait_for_orthanc(peer: OrthancPeer, log_path: Path) -> None:
     raise RuntimeError(f"Orthanc did not answer within {_STARTUP_SECONDS:.0f} s:\n{_log_tail(log_path)}")
 
 
-
 # --------------------------------------------------------------------------------------
 # DCMTK storescp
 
@@ -324,4 +323,3 @@ def _wait_for_port(peer: StoreScpPeer, log_path: Path) -> None:
         time.sleep(0.05)
     peer.stop()
     raise RuntimeError(f"storescp did not listen within {_STARTUP_SECONDS:.0f} s:\n{_log_tail(log_path)}")
-

@@ -49,8 +49,6 @@ def start_storescp(directory: Path, **options: Any) -> StoreScpPeer:
         pytest.skip(str(missing))
 
 
-
-
 @pytest.fixture
 def orthanc_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., OrthancPeer]]:
     """A function starting one Orthanc per call (options as :func:`start_orthanc`)."""

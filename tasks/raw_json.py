@@ -19,6 +19,8 @@ from pydicom.dataset import Dataset
 
 _TEXT_VRS = frozenset({"UI", "CS", "DA", "TM", "DT", "AS"})
 """Split at backslashes after trailing spaces and NULs go; no character set applies."""
+_STRING_VRS = _TEXT_VRS | {"IS", "DS"}
+"""Stored as text: pydicom's empty value is ''."""
 _PRINTABLE = re.compile(rb"[\x20-\x7e]*\x00?\Z")
 _IS = re.compile(r" *[+-]?[0-9]+ *\Z")
 _DS = re.compile(r" *[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)? *\Z")
@@ -32,7 +34,7 @@ def raw_json(element: Any) -> dict[str, Any] | None:
         return None
     vr, value = element.VR, element.value
     if not value:
-        return {"vr": vr} if vr in _TEXT_VRS or vr in _NUMBERS or vr in ("IS", "DS") else None
+        return {"vr": vr} if vr in _STRING_VRS or vr in _NUMBERS else None
     if vr in _NUMBERS:
         return _numbers(vr, value, element.is_little_endian)
     if not _PRINTABLE.match(value):
@@ -70,4 +72,4 @@ def plain_get(dataset: Dataset, keyword: str, default: Any = "") -> Any:
 
 def _empty(vr: str) -> Any:
     """pydicom's empty value: '' for text, None for numbers."""
-    return "" if vr in _TEXT_VRS or vr in ("IS", "DS") else None
+    return "" if vr in _STRING_VRS else None

@@ -1,12 +1,16 @@
 """Header-only reads of DICOM files: never the pixel data."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
+
+from tasks.raw_header import read_raw_header
+from tasks.raw_json import plain_get
 
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
@@ -26,6 +30,13 @@ class Header:
 def read_header(path: Path) -> Header:
     """Read a file's header up to the pixel data; bare datasets (no preamble) are accepted."""
     try:
+        with open(path, "rb") as handle:
+            raw = read_raw_header(handle, os.fstat(handle.fileno()).st_size)
+    except OSError as error:
+        raise NotDicomError(f"unreadable file: {error.strerror or error}") from error
+    if raw is not None:
+        return _checked(Header(dataset=raw.dataset, transfer_syntax=raw.transfer_syntax, part10=True))
+    try:
         dataset = pydicom.dcmread(path, stop_before_pixels=True)
         part10 = True
     except InvalidDicomError:
@@ -37,10 +48,14 @@ def read_header(path: Path) -> Header:
     if not syntax:
         syntax = "1.2.840.10008.1.2.1" if not dataset.is_implicit_VR else "1.2.840.10008.1.2"
         part10 = False
-    missing = [keyword for keyword in REQUIRED_UIDS if not dataset.get(keyword)]
+    return _checked(Header(dataset=dataset, transfer_syntax=syntax, part10=part10))
+
+
+def _checked(header: Header) -> Header:
+    missing = [keyword for keyword in REQUIRED_UIDS if not plain_get(header.dataset, keyword)]
     if missing:
         raise NotDicomError(f"not a DICOM instance: missing {', '.join(missing)}")
-    return Header(dataset=dataset, transfer_syntax=syntax, part10=part10)
+    return header
 
 
 def _read_bare(path: Path) -> Dataset:

@@ -15,7 +15,7 @@ from pydicom import Dataset
 from pydicom.datadict import tag_for_keyword
 from pydicom.tag import BaseTag
 
-from tasks.raw_json import raw_json
+from tasks.raw_json import plain_get, raw_json
 
 PATIENT_KEYWORDS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex")
 STUDY_KEYWORDS = ("StudyInstanceUID", "StudyDate", "StudyTime", "StudyDescription", "StudyID",
@@ -168,13 +168,14 @@ class ManifestBuilder:
     def add(self, source: Path | str, size: int, dataset: Dataset, transfer_syntax: str) -> Instance:
         patient = self._level(self._patients, self.manifest.patients, _patient_key(dataset), -1,
                               dataset, PATIENT_KEYWORDS)
-        study = self._level(self._studies, self.manifest.studies, str(dataset.StudyInstanceUID), patient,
-                            dataset, STUDY_KEYWORDS)
-        series = self._level(self._series, self.manifest.series, str(dataset.SeriesInstanceUID), study,
-                             dataset, SERIES_KEYWORDS)
+        study = self._level(self._studies, self.manifest.studies, str(plain_get(dataset, "StudyInstanceUID")),
+                            patient, dataset, STUDY_KEYWORDS)
+        series = self._level(self._series, self.manifest.series, str(plain_get(dataset, "SeriesInstanceUID")),
+                             study, dataset, SERIES_KEYWORDS)
         instance = Instance(
             index=len(self.manifest.instances), source=str(source), size=size,
-            sop_class_uid=str(dataset.SOPClassUID), sop_instance_uid=str(dataset.SOPInstanceUID),
+            sop_class_uid=str(plain_get(dataset, "SOPClassUID")),
+            sop_instance_uid=str(plain_get(dataset, "SOPInstanceUID")),
             transfer_syntax=transfer_syntax, patient=patient, study=study, series=series,
             attributes=subset_json(dataset, self._instance_keywords),
         )

@@ -44,6 +44,7 @@ from pydicom.uid import (
 from tasks.manifest import _patient_key as patient_key_of
 from tasks.media_source import MediaFile, Medium, RefusedFile, normalise_name
 from tasks.part10 import LONG_VRS, SHORT_VRS
+from tasks.raw_header import read_raw_header
 from tasks.raw_json import plain_get
 
 HEADER_DEFER_BYTES = 256 << 10
@@ -481,6 +482,11 @@ def _read_header(stream: _WatchedStream, kind: str):
             raise _Skipped("skipped: a DICOMDIR, not an instance")
         if meta.get(0x00020010) == DeflatedExplicitVRLittleEndian:
             return _read_deflated(stream, dataset_start)
+        stream.seek(0)
+        raw = read_raw_header(stream, stream.size, limit=HEADER_DEFER_BYTES)  # pydicom's values, 3x faster
+        if raw is not None:
+            stream.seek(stream.size if raw.pixel_offset is None else raw.pixel_offset)
+            return raw.dataset, raw.transfer_syntax, raw.implicit, True, stream
     stream.seek(0)
     dataset = dcmread(stream, defer_size=HEADER_DEFER_BYTES, stop_before_pixels=True, force=True)
     if stream.overrun:

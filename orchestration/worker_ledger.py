@@ -23,6 +23,8 @@ from workers.timing import TaskTiming, add_sink
 
 logger = logging.getLogger(__name__)
 FINISH_TASKS = ("discflow.media.finish", "discflow.store.finish")
+GC_THRESHOLD = 50_000
+"""Allocations between young collections in a worker process (Python's default: 700)."""
 
 
 def _job_id(task, args: tuple, kwargs: dict) -> str | None:
@@ -46,11 +48,14 @@ def record_timing(record: TaskTiming) -> None:
 
 
 @worker_init.connect
-def _freeze_imports(**_: Any) -> None:
+def _tune_garbage_collector(**_: Any) -> None:
     """Task modules are imported by now, before the pool forks: exempt them from the garbage
     collector, so that it does not walk them in every child (copy-on-write pages stay shared) nor
-    once more when the worker exits (0.8 s of a warm shutdown)."""
+    once more when the worker exits (0.8 s of a warm shutdown). A task parses manifests of
+    ~100,000 small objects; at Python's default threshold (700) each parse set off several full
+    collections, 0.1-0.15 s of a 500-instance export's media stage."""
     gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 20, 20)
 
 
 @task_prerun.connect

@@ -11,7 +11,6 @@ operator's desk, not necessarily at the worker).
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import asdict
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from tasks.burn import BurnError, VolumeToBurn, handoff_to_robot, sha256_file, w
 from tasks.dicomdir import RECORD_INSTANCE_KEYWORDS, DirectoryEntry, file_id_for, write_dicomdir
 from tasks.disc_index import attach_web_content, index_html, readme_text, summarize
 from tasks.iso_image import build_folder, build_iso
-from tasks.manifest import Manifest, dataset_from_json
+from tasks.manifest import Manifest, as_json, dataset_from_json
 from tasks.profiles import MEDIA_CAPACITY_BYTES, conversion_summary
 from tasks.spool import JobSpool, read_json, write_json
 from tasks.viewer_bundle import ViewerBundle, autorun_inf, load_viewer
@@ -84,7 +83,7 @@ def plan_media(spool: JobSpool) -> int:
     reserved = viewer.disc_bytes if viewer else 0
     volumes = plan_volumes(manifest, outputs, volume_capacity(manifest.options), reserved) if outputs else []
     write_json(spool.path / "media" / "plan.json", {
-        "volumes": volumes, "outputs": {i: asdict(o) for i, o in outputs.items()}, "failures": failures})
+        "volumes": volumes, "outputs": {i: as_json(o) for i, o in outputs.items()}, "failures": failures})
     return len(volumes)
 
 

@@ -12,13 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
-from pydicom.dataelem import DataElement, empty_value_for_VR
-from pydicom.jsonrep import JSON_VALUE_KEYS
-from pydicom.valuerep import FLOAT_VR, INT_VR, VR
 from pydicom.datadict import tag_for_keyword
 from pydicom.tag import BaseTag
 
-from tasks.raw_json import plain_get, raw_json
+from tasks.raw_json import plain_get, raw_element, raw_json
 
 PATIENT_KEYWORDS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex")
 STUDY_KEYWORDS = ("StudyInstanceUID", "StudyDate", "StudyTime", "StudyDescription", "StudyID",
@@ -40,9 +37,6 @@ INSTANCE_KEYWORDS = (
     "RTPlanLabel", "RTPlanDate", "RTPlanTime", "TreatmentDate", "TreatmentTime", "DataPointRows",
     "DataPointColumns", "VOILUTFunction",
 )
-_NOT_PLAIN = frozenset({"SQ", "PN", "AT", "UN"})
-_INT_VRS = (INT_VR - {VR.AT}) | {VR.US_SS}
-_FLOAT_VRS = FLOAT_VR
 _BULK_DATA_THRESHOLD = 1 << 20
 """Ignored without a bulk data handler: binary values are always inline."""
 
@@ -88,34 +82,20 @@ def _field_names(cls: type) -> tuple[str, ...]:
 
 
 def dataset_from_json(attributes: dict[str, Any]) -> Dataset:
-    """``Dataset.from_json(attributes)``: plain elements are made directly from their values (as
-    pydicom's converter would make them, at a fifth of its cost: the media stage makes one data
-    set per instance), the others through pydicom. tests/test_manifest.py checks both agree."""
-    dataset = Dataset()
+    """``Dataset.from_json(attributes)``, with plain elements kept raw (:func:`raw_element`) until
+    read: the media stage makes a data set per instance and reads one or two of its values.
+    tests/test_manifest.py checks both give the same values."""
+    rest, raws = {}, {}
     for key, mapping in attributes.items():
-        element = _plain_element(key, mapping)
-        if element is None:
-            value_key = next((k for k in JSON_VALUE_KEYS if k in mapping), None)
-            element = DataElement.from_json(Dataset, key, mapping["vr"], mapping[value_key] if value_key else [""],
-                                            value_key)
+        raw = raw_element(key, mapping)
+        if raw is None:
+            rest[key] = mapping
+        else:
+            raws[raw.tag] = raw
+    dataset = Dataset(raws)
+    for element in Dataset.from_json(rest) if rest else ():
         dataset.add(element)
     return dataset
-
-
-def _plain_element(key: str, mapping: dict[str, Any]) -> DataElement | None:
-    """The element of one plain DICOM JSON attribute (no sequence, name, tag or binary value)."""
-    vr = mapping["vr"]
-    values = mapping.get("Value")
-    if vr in _NOT_PLAIN or not isinstance(values, (list, type(None))) or len(mapping) > 1 + (values is not None):
-        return None
-    if not values:
-        return DataElement(int(key, 16), vr, empty_value_for_VR(vr))
-    if vr in _INT_VRS or vr in _FLOAT_VRS:
-        number = int if vr in _INT_VRS else float
-        values = [empty_value_for_VR(vr) if v is None else number(v) for v in values]
-    elif None in values:
-        values = [empty_value_for_VR(vr) if v is None else v for v in values]
-    return DataElement(int(key, 16), vr, values[0] if len(values) == 1 else values)
 
 
 @dataclass

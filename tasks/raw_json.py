@@ -9,6 +9,7 @@ converts that element with pydicom. tests/test_manifest.py checks both give the 
 """
 from __future__ import annotations
 
+import math
 import re
 import struct
 from typing import Any
@@ -16,12 +17,15 @@ from typing import Any
 from pydicom.dataelem import RawDataElement
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 
 _TEXT_VRS = frozenset({"UI", "CS", "DA", "TM", "DT", "AS"})
 """Split at backslashes after trailing spaces and NULs go; no character set applies."""
 _STRING_VRS = _TEXT_VRS | {"IS", "DS"}
 """Stored as text: pydicom's empty value is ''."""
 _PRINTABLE = re.compile(rb"[\x20-\x7e]*\x00?\Z")
+_PLAIN_TEXT = re.compile(r"[\x21-\x5b\x5d-\x7e]([\x20-\x5b\x5d-\x7e]*[\x21-\x5b\x5d-\x7e])?\Z")
+"""Printable ASCII without a backslash, not starting or ending with a space (which raw_json strips)."""
 _IS = re.compile(r" *[+-]?[0-9]+ *\Z")
 _DS = re.compile(r" *[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)? *\Z")
 _NUMBERS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
@@ -55,6 +59,48 @@ def _numbers(vr: str, value: bytes, little_endian: bool) -> dict[str, Any] | Non
     if not little_endian or len(value) % size:
         return None
     return {"vr": vr, "Value": list(struct.unpack(f"<{len(value) // size}{code}", value))}
+
+
+def raw_element(key: str, mapping: dict[str, Any]) -> RawDataElement | None:
+    """The raw element whose :func:`raw_json` is ``mapping`` (the attribute ``key`` of a DICOM
+    JSON data set), or None when that is not a plain one. A data set made of raw elements converts
+    only the values that are read: the media stage makes one per instance and reads one or two."""
+    vr, values = mapping.get("vr"), mapping.get("Value")
+    if len(mapping) != 1 + ("Value" in mapping) or not isinstance(values, (list, type(None))):
+        return None
+    if vr in _NUMBERS:
+        value = _packed(vr, values or [])
+    elif vr in _STRING_VRS:
+        value = _text(vr, values or [])
+    else:
+        return None
+    if value is None:
+        return None
+    tag = BaseTag(int(key, 16))
+    return RawDataElement(tag, vr, len(value), value, 0, False, True)
+
+
+def _packed(vr: str, values: list[Any]) -> bytes | None:
+    kind = float if vr in ("FL", "FD") else int
+    if not all(type(v) is kind for v in values):
+        return None
+    try:
+        return struct.pack(f"<{len(values)}{_NUMBERS[vr]}", *values)
+    except struct.error:
+        return None
+
+
+def _text(vr: str, values: list[Any]) -> bytes | None:
+    if vr == "IS":
+        texts = [str(v) for v in values if type(v) is int]
+    elif vr == "DS":  # repr gives back the same float; pydicom allows 16 characters
+        texts = [repr(v) for v in values if type(v) is float and len(repr(v)) <= 16 and math.isfinite(v)]
+    else:
+        texts = [v for v in values if type(v) is str and _PLAIN_TEXT.match(v)]
+    if len(texts) != len(values):
+        return None
+    encoded = "\\".join(texts).encode("ascii")
+    return encoded + (b"\0" if vr == "UI" else b" ") if len(encoded) % 2 else encoded
 
 
 def plain_get(dataset: Dataset, keyword: str, default: Any = "") -> Any:

@@ -180,3 +180,43 @@ def test_a_scan_run_again_keeps_no_chunk_of_the_last_listing(tmp_path, monkeypat
     finally:
         monkeypatch.undo()
         reload_settings()
+
+
+def test_dataset_from_json_gives_pydicom_values_with_plain_elements_kept_raw() -> None:
+    """Every plain attribute of the sample files' header subsets goes back to the same raw
+    element JSON, and the data set gives the values Dataset.from_json gives."""
+    from pathlib import Path
+
+    import pydicom.data
+    from pydicom.dataelem import RawDataElement
+
+    from tasks.manifest import dataset_from_json
+    from tasks.raw_json import raw_element, raw_json
+
+    local = Path(pydicom.data.__file__).parent
+    external = Path(pydicom.__file__).parents[1] / "data_store" / "data"
+    compared = raws = 0
+    for path in [*sorted(local.rglob("*.dcm")), *sorted(external.glob("*.dcm"))]:
+        try:
+            attributes = subset_json(pydicom.dcmread(path, stop_before_pixels=True), sum(LEVEL_KEYWORDS, ()))
+            expected = Dataset.from_json(attributes)
+        except Exception:  # noqa: BLE001 - pydicom's deliberately broken test files
+            continue
+        for key, mapping in attributes.items():
+            raw = raw_element(key, mapping)
+            if raw is not None:
+                raws += 1
+                assert raw_json(raw) == mapping, (path, key)
+        got = dataset_from_json(attributes)
+        assert sorted(got.keys()) == sorted(expected.keys()), path
+        for tag in expected.keys():
+            assert (got[tag].VR, got[tag].value) == (expected[tag].VR, expected[tag].value), (path, tag)
+            assert type(got[tag].value) is type(expected[tag].value), (path, tag)
+        compared += 1
+    assert compared > 150 and raws > 3000
+    kept = dataset_from_json({"00200013": {"vr": "IS", "Value": [7]}, "00080060": {"vr": "CS", "Value": ["CT"]}})
+    assert isinstance(kept.get_item(0x00200013, keep_deferred=True), RawDataElement)
+    assert kept.InstanceNumber == 7 and kept.Modality == "CT"
+    for mapping in ({"vr": "DS", "Value": [1 / 3]}, {"vr": "CS", "Value": [" A"]}, {"vr": "CS", "Value": ["A\\B"]},
+                    {"vr": "US", "Value": [70000]}, {"vr": "IS", "Value": [None]}, {"vr": "LO", "Value": ["x"]}):
+        assert raw_element("00181050", mapping) is None, mapping  # left to pydicom

@@ -489,7 +489,7 @@ def _decode(ds: Dataset, syntax: UID) -> tuple[np.ndarray, dict[str, Any]]:
     number_of_frames = _number_of_frames(ds)
     array, pixel = None, None
     if syntax in (JPEG_LOSSLESS, JPEG_LOSSLESS_SV1):
-        array = _decode_lossless_jpeg_fast(ds, number_of_frames)
+        array = decode_lossless_jpeg(ds, number_of_frames)
         if array is not None:
             pixel = {"photometric_interpretation": str(ds.PhotometricInterpretation),
                      "number_of_frames": number_of_frames, "samples_per_pixel": 1,
@@ -532,8 +532,9 @@ def _decoder_failure(error: BaseException) -> bool:
     return isinstance(error, Exception) or type(error).__name__ == "PanicException"
 
 
-def _decode_lossless_jpeg_fast(ds: Dataset, number_of_frames: int) -> np.ndarray | None:
-    """libjpeg-turbo decode of single-sample lossless JPEG, or None to use pydicom's."""
+def decode_lossless_jpeg(ds: Dataset, number_of_frames: int) -> np.ndarray | None:
+    """libjpeg-turbo decode of single-sample lossless JPEG (frames x rows x columns x 1, pydicom's
+    values), or None to use pydicom's decoders."""
     if ds.SamplesPerPixel != 1 or ds.BitsAllocated not in (8, 16) or "ExtendedOffsetTable" in ds:
         return None
     dtype = np.uint8 if ds.BitsAllocated == 8 else np.uint16

@@ -87,3 +87,19 @@ def test_screenshot_is_not_blank(disc, tmp_path: Path) -> None:
     assert (grey > 192).mean() > 0.3
     if SCREENSHOT_COPY:
         Path(SCREENSHOT_COPY).write_bytes(shot.read_bytes())
+
+
+@pytest.mark.parametrize("name", ["JPEG-LL.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm", "SC_rgb_jpeg_gdcm.dcm"])
+def test_lossless_jpeg_thumbnail_is_the_one_pydicom_decoding_gives(name: str) -> None:
+    """Thumbnails of lossless JPEG are decoded by libjpeg-turbo, not pydicom: the same picture."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from tasks.web_content import thumbnail_png, window_to_8bit
+
+    path = get_testdata_file(name)
+    dataset = pydicom.dcmread(path)
+    pixels = dataset.pixel_array
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    expected = imagecodecs.png_encode(window_to_8bit(dataset, pixels[frames // 2] if frames > 1 else pixels))
+    assert thumbnail_png(Path(path)) == expected

@@ -431,6 +431,19 @@ def test_invalid_header_values_are_made_conformant_in_records(tmp_path: Path) ->
         assert [l for l in (out.stdout + out.stderr).splitlines() if l.startswith("Error")] == []
 
 
+def test_packed_record_keys_are_the_bytes_pydicom_writes(file_set: FileSetOnDisk, monkeypatch) -> None:
+    """Record keys packed directly (plain ASCII) and written by pydicom give the same DICOMDIR,
+    for every sample instance, under both key sets (CD; DVD/USB)."""
+    import tasks.dicomdir as dicomdir
+
+    packed = {profile: encode_dicomdir(file_set.entries, profile=profile) for profile in ("STD-GEN-CD", "STD-GEN-DVD-J2K")}
+    used = []
+    monkeypatch.setattr(dicomdir, "_plain_keys", lambda keys: used.append(keys) and None)
+    for profile, data in packed.items():
+        assert encode_dicomdir(file_set.entries, profile=profile) == data, profile
+    assert len(used) > len(file_set.entries)  # the fast path was offered every record
+
+
 def test_dvd_and_usb_profiles_add_their_patient_and_series_keys(file_set: FileSetOnDisk) -> None:
     records = pydicom.dcmread(io.BytesIO(encode_dicomdir(file_set.entries, profile="STD-GEN-DVD-J2K"))) \
         .DirectoryRecordSequence

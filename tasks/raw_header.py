@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import cache
 from typing import BinaryIO
 
 from pydicom.charset import convert_encodings, default_encoding
@@ -65,9 +66,12 @@ def read_raw_header(handle: BinaryIO, size: int, limit: int | None = None) -> Ra
     implicit = _is_implicit(meta.transfer_syntax)
     if implicit is None:
         return None
+    try:
+        file_meta = FileMetaDataset(_elements(data[:meta.dataset_offset], 132, False, True)[0])
+    except (_Short, _Unusual):
+        return None
     while True:
         try:
-            file_meta = FileMetaDataset(_elements(data[:meta.dataset_offset], 132, False, True)[0])
             elements, pixel_offset = _elements(data, meta.dataset_offset, implicit, len(data) >= size)
             break
         except _Short:
@@ -84,6 +88,7 @@ def read_raw_header(handle: BinaryIO, size: int, limit: int | None = None) -> Ra
     return RawHeader(dataset, meta.transfer_syntax, implicit, pixel_offset)
 
 
+@cache
 def _is_implicit(transfer_syntax: str) -> bool | None:
     """True for Implicit VR Little Endian, False for a syntax of Explicit VR Little Endian
     (the native one and every encapsulated one), None for the rest."""

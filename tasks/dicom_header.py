@@ -42,8 +42,8 @@ def read_header(path: Path) -> Header:
     except InvalidDicomError:
         dataset = _read_bare(path)
         part10 = False
-    except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as error:
-        raise NotDicomError(f"unreadable DICOM header: {error}") from error
+    except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError, RecursionError) as error:
+        raise NotDicomError(f"unreadable DICOM header: {type(error).__name__}: {error}"[:300]) from error
     syntax = str(getattr(dataset.file_meta, "TransferSyntaxUID", "") or "")
     if not syntax:
         syntax = "1.2.840.10008.1.2.1" if not dataset.is_implicit_VR else "1.2.840.10008.1.2"

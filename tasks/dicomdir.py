@@ -600,9 +600,10 @@ def _plain_keys(keys: Dataset) -> bytes | None:
     for element in keys:
         value = element.value
         items = list(value) if isinstance(value, (MultiValue, list, tuple)) else [value]
-        if element.VR not in _PLAIN_KEY_VRS or not all(isinstance(i, (str, int, float, type(None))) for i in items):
-            return None
-        texts = ["" if item is None else getattr(item, "original_string", None) or str(item) for item in items]
+        kinds = (int, float, str) if element.VR in ("IS", "DS") else str
+        if element.VR not in _PLAIN_KEY_VRS or not all(isinstance(item, kinds) for item in items):
+            return None  # an empty (None) value or an odd type: pydicom's writer decides
+        texts = [getattr(item, "original_string", None) or str(item) for item in items]
         encoded = "\\".join(texts)
         if not encoded.isascii() or len(encoded) > 0xFFF0:
             return None

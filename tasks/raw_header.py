@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from functools import cache
+from functools import lru_cache
 from typing import BinaryIO
 
 from pydicom.charset import convert_encodings, default_encoding
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import BaseTag
@@ -66,29 +67,44 @@ def read_raw_header(handle: BinaryIO, size: int, limit: int | None = None) -> Ra
     implicit = _is_implicit(meta.transfer_syntax)
     if implicit is None:
         return None
+    if implicit and _looks_explicit(data, meta.dataset_offset):
+        return None  # pydicom reads such a data set as explicit, whatever its meta says
     try:
         file_meta = FileMetaDataset(_elements(data[:meta.dataset_offset], 132, False, True)[0])
+        elements, pixel_offset = _all_elements(handle, data, meta.dataset_offset, implicit, size, readable)
+        dataset = Dataset(elements)
+        character_set = plain_get(dataset, "SpecificCharacterSet", None)  # what pydicom's reader does, faster
+        encoding = convert_encodings(character_set) if character_set else default_encoding
     except (_Short, _Unusual):
         return None
-    while True:
-        try:
-            elements, pixel_offset = _elements(data, meta.dataset_offset, implicit, len(data) >= size)
-            break
-        except _Short:
-            if len(data) >= readable:
-                return None
-            data += handle.read(min(readable, 2 * len(data)) - len(data))
-        except _Unusual:
-            return None
-    dataset = Dataset(elements)
+    except Exception:  # noqa: BLE001 - e.g. a hostile character set or nesting: pydicom's reader decides
+        return None
     dataset.file_meta = file_meta
-    dataset.preamble = data[:128]
-    character_set = plain_get(dataset, "SpecificCharacterSet", None)  # what pydicom's reader does, faster
-    dataset.set_original_encoding(implicit, True, convert_encodings(character_set) if character_set else default_encoding)
+    dataset.set_original_encoding(implicit, True, encoding)
     return RawHeader(dataset, meta.transfer_syntax, implicit, pixel_offset)
 
 
-@cache
+def _all_elements(handle: BinaryIO, data: bytes, offset: int, implicit: bool, size: int,
+                  readable: int) -> tuple[dict, int | None]:
+    """:func:`_elements`, reading on in doubling steps while the header goes on past ``data``."""
+    while True:
+        try:
+            return _elements(data, offset, implicit, len(data) >= size)
+        except _Short:
+            wanted = min(readable, 2 * len(data)) - len(data)
+            more = handle.read(wanted) if wanted > 0 else b""
+            if len(more) < wanted or not more:
+                raise  # the file ends before its size says, or the header before the limit
+            data += more
+
+
+def _looks_explicit(data: bytes, offset: int) -> bool:
+    """Whether the first element of a data set said to be implicit carries a VR (pydicom checks
+    the same and reads such a data set as explicit)."""
+    return data[offset + 4:offset + 6] in _VR_NAMES
+
+
+@lru_cache(maxsize=64)  # bounded: a hostile medium may name a new syntax in every file
 def _is_implicit(transfer_syntax: str) -> bool | None:
     """True for Implicit VR Little Endian, False for a syntax of Explicit VR Little Endian
     (the native one and every encapsulated one), None for the rest."""
@@ -125,8 +141,7 @@ def _elements(data: bytes, offset: int, implicit: bool, at_end: bool) -> tuple[d
             else:
                 start = offset + 8
         if length == _UNDEFINED:
-            if vr is not None and vr != "SQ":
-                raise _Unusual
+            _require_sequence(tag, vr)
             stop = _sequence_end(data, start, implicit)
         else:
             stop = start + length
@@ -178,9 +193,21 @@ def _item_end(data: bytes, offset: int, implicit: bool) -> int:
         if group << 16 | number == _ITEM_END:
             return offset + 8
         vr, length, start = _element_header(data, offset, implicit)
-        if length != _UNDEFINED:
-            offset = start + length
-        elif vr in (None, "SQ"):
+        if length == _UNDEFINED:
+            _require_sequence(group << 16 | number, vr)
             offset = _sequence_end(data, start, implicit)
         else:
-            raise _Unusual
+            offset = start + length
+
+
+def _require_sequence(tag: int, vr: str | None) -> None:
+    """An undefined length is read here only for a sequence: explicit SQ, or implicit and SQ in
+    the dictionary (pydicom looks ahead at anything else, e.g. a private tag, and reads items or
+    a delimited value)."""
+    if vr is None:
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            raise _Unusual from None
+    if vr != "SQ":
+        raise _Unusual

@@ -81,13 +81,16 @@ def raw_element(key: str, mapping: dict[str, Any]) -> RawDataElement | None:
 
 
 def _packed(vr: str, values: list[Any]) -> bytes | None:
+    """One number packed (several would convert to a plain list, where pydicom makes a MultiValue)."""
     kind = float if vr in ("FL", "FD") else int
-    if not all(type(v) is kind for v in values):
+    if len(values) > 1 or not all(type(v) is kind for v in values):
         return None
     try:
-        return struct.pack(f"<{len(values)}{_NUMBERS[vr]}", *values)
-    except struct.error:
+        packed = struct.pack(f"<{len(values)}{_NUMBERS[vr]}", *values)
+    except (struct.error, OverflowError):
         return None
+    same = list(struct.unpack(f"<{len(values)}{_NUMBERS[vr]}", packed)) == values  # FL: exactly a float32
+    return packed if same else None
 
 
 def _text(vr: str, values: list[Any]) -> bytes | None:

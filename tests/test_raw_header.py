@@ -1,6 +1,7 @@
 """tasks.raw_header gives pydicom's own header, or None so that pydicom reads the file."""
 from __future__ import annotations
 
+import copy
 import io
 from pathlib import Path
 
@@ -130,3 +131,70 @@ def test_read_header_takes_the_fast_path_and_checks_uids(tmp_path: Path) -> None
     assert _raw(missing) is not None
     with pytest.raises(Exception, match="missing SeriesInstanceUID"):
         read_header(missing)
+
+
+def _deeply_nested_file(folder: Path, depth: int = 5000) -> Path:
+    """A Part 10 file whose header nests ``depth`` undefined-length sequences (a hostile header)."""
+    dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    start = data.index(b"\x08\x00\x16\x00")  # (0008,0016) SOP Class UID: the nesting goes before it
+    opening = (b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff" + b"\xfe\xff\x00\xe0\xff\xff\xff\xff") * depth
+    closing = (b"\xfe\xff\x0d\xe0\x00\x00\x00\x00" + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00") * depth
+    path = folder / "deep.dcm"
+    path.write_bytes(data[:start] + opening + closing + data[start:])
+    return path
+
+
+def test_a_hostile_nesting_depth_is_a_clear_error_not_a_crash(tmp_path: Path) -> None:
+    from tasks.dicom_header import NotDicomError
+
+    path = _deeply_nested_file(tmp_path)
+    assert _raw(path) is None  # too deep for this parser: left to pydicom
+    with pytest.raises(NotDicomError, match="unreadable DICOM header"):
+        read_header(path)
+
+
+def _part10_bytes(dataset: Dataset, implicit: bool = False) -> bytes:
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, implicit_vr=implicit, little_endian=True, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_a_file_shorter_than_its_stated_size_ends_the_read() -> None:
+    """A medium's directory may claim more bytes than the file gives: no endless read loop."""
+    data = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    cut = data[:FIRST_READ + 100]  # the header goes on past what the stream will give
+    dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    dataset.ImageComments = "z" * (2 * FIRST_READ)
+    long = _part10_bytes(dataset)[:FIRST_READ + 100]
+    for short in (cut[:300], long):
+        assert read_raw_header(io.BytesIO(short), len(short) + 10_000) is None
+
+
+def test_odd_headers_are_left_to_pydicom_and_read_as_pydicom_reads_them(tmp_path: Path) -> None:
+    """A data set said to be implicit but written explicit; an implicit private element of
+    undefined length; a character set that is not text: pydicom's reading, or its error."""
+    dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    explicit = bytearray(_part10_bytes(dataset))
+    syntax = explicit.index(b"1.2.840.10008.1.2.1")
+    explicit[syntax:syntax + 20] = b"1.2.840.10008.1.2\0\0\0"  # the meta says implicit; same length
+    private = copy.deepcopy(dataset)
+    private.add_new(0x00091001, "SQ", Sequence([Dataset()]))
+    private[0x00091001].is_undefined_length = True
+    private.add_new(0x00090010, "LO", "ACME")
+    private.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    cases = {"mislabelled.dcm": bytes(explicit), "private.dcm": _part10_bytes(private, implicit=True)}
+    for name, data in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        assert _raw(path) is None, name
+        assert _as_json(read_header(path).dataset) == _as_json(pydicom.dcmread(path, stop_before_pixels=True)), name
+    hostile = _part10_bytes(dataset).replace(b"\x08\x00\x05\x00CS", b"\x08\x00\x05\x00US", 1)
+    path = tmp_path / "charset.dcm"  # Specific Character Set as numbers
+    path.write_bytes(hostile)
+    assert _raw(path) is None
+    from tasks.dicom_header import NotDicomError
+    with pytest.raises(NotDicomError):
+        read_header(path)

@@ -24,13 +24,17 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import queue
 import re
 import shutil
+import threading
 from collections.abc import Iterable
+from typing import BinaryIO
 from pathlib import Path, PurePosixPath
 
 import pycdlib
 
+from tasks.burn import sha256_file
 from tasks.spool import atomic_writer
 
 __all__ = ["build_folder", "build_iso", "level1_path", "read_iso_listing"]
@@ -141,6 +145,7 @@ class _Layout:
         self.directories: dict[tuple[str, ...], str] = {(): ""}  # media parts -> ISO path
         self.files: set[tuple[str, ...]] = set()
         self.folded: set[str] = set()
+        self.pending: list[tuple[str, str | None, Path | bytes]] = []
 
     def _directory(self, parts: tuple[str, ...]) -> str:
         known = self.directories.get(parts)
@@ -173,15 +178,33 @@ class _Layout:
         self.files.add(parts)
         iso_path = f"{parent}/{_iso_file_identifier(self.names.name(parent, parts[-1], is_file=True))}"
         joliet_path = "/" + "/".join(parts) if self.joliet else None
-        if isinstance(source, bytes):
-            self.disc.add_fp(io.BytesIO(source), len(source), iso_path, joliet_path=joliet_path)
-        else:
-            self.disc.add_file(os.fspath(source), iso_path, joliet_path=joliet_path)
+        self.pending.append((iso_path, joliet_path, source))
+
+    def commit(self) -> str | None:
+        """Add the files to pycdlib in the order of their extents (see :func:`_extent_order`), so
+        that it writes their data front to back and :class:`_HashingWriter` can hash the image as
+        it goes; return the ISO path of the first."""
+        ordered = sorted(self.pending, key=_extent_order)
+        for iso_path, joliet_path, source in ordered:
+            if isinstance(source, bytes):
+                self.disc.add_fp(io.BytesIO(source), len(source), iso_path, joliet_path=joliet_path)
+            else:
+                self.disc.add_file(os.fspath(source), iso_path, joliet_path=joliet_path)
+        return ordered[0][0] if ordered else None
+
+
+def _extent_order(item: tuple[str, str | None, Path | bytes]) -> tuple[int, list[str], str]:
+    """Where pycdlib puts a file's data: directory by directory, breadth first, and by name within
+    each (ISO 9660 identifiers of A-Z, 0-9, _ and . sort as Python sorts them). A file added out of
+    this order is still written correctly; the image is then hashed by reading it back."""
+    *directories, name = item[0].strip("/").split("/")
+    return len(directories), directories, name
 
 
 def build_iso(path: Path, files: Iterable[tuple[str, Path]], *, volume_id: str,
-              extra_files: Iterable[tuple[str, bytes]] = (), joliet: bool = True) -> int:
-    """Write an ISO 9660 image of ``files`` and ``extra_files`` to ``path``; return its size in bytes.
+              extra_files: Iterable[tuple[str, bytes]] = (), joliet: bool = True) -> tuple[int, str]:
+    """Write an ISO 9660 image of ``files`` and ``extra_files`` to ``path``; return its size in
+    bytes and its SHA-256 (hashed while it is written, else by reading it back).
 
     ``files`` are (media path, file on disk), e.g. ``("DICOMDIR", staging / "DICOMDIR")`` and
     ``("DICOM/P0000001/S0000001/S0000001/I0000001", spool_file)``; ``extra_files`` are small
@@ -202,12 +225,79 @@ def build_iso(path: Path, files: Iterable[tuple[str, Path]], *, volume_id: str,
         items += [(name, bytes(content)) for name, content in extra_files]
         for media_path, source in _conformant_first(items):
             layout.add(media_path, source)
+        first_file = layout.commit()
+        data_start = disc.get_record(iso_path=first_file).extent_location() * 2048 if first_file else 0
         with atomic_writer(path) as handle:
-            disc.write_fp(handle, blocksize=_WRITE_BLOCK)
+            writer = _HashingWriter(handle, data_start)
+            try:
+                disc.write_fp(writer, blocksize=_WRITE_BLOCK)
+            finally:
+                digest = writer.hexdigest()
     finally:
         disc.close()
     os.chmod(path, 0o644)  # mkstemp made it 0600; burners and viewers run as other users
-    return path.stat().st_size
+    return path.stat().st_size, digest or sha256_file(path)
+
+
+class _HashingWriter:
+    """The image file, hashed (SHA-256) as pycdlib writes it, on a thread of its own (hashlib lets
+    go of the GIL, so the hash runs on the other core): the image need not be read back.
+
+    pycdlib writes the volume descriptors, path tables and directory records first, in no
+    particular order, all before ``data_start`` (the first file's extent): they are kept in memory
+    until the file data starts. File data is written front to back when the files were added in
+    extent order (:func:`_extent_order`); a gap it seeks over stays zeros. Any other write makes
+    :meth:`hexdigest` None, and the caller reads the image back instead.
+    """
+
+    def __init__(self, handle: BinaryIO, data_start: int) -> None:
+        self._handle = handle
+        self._head = bytearray(data_start)
+        self._position = 0
+        self._hashed = data_start
+        self._streaming = False
+        self._digest = hashlib.sha256()
+        self._chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=32)
+        self._thread = threading.Thread(target=self._hash, name="iso-sha256", daemon=True)
+        self._thread.start()
+        self.in_order = True
+
+    def _hash(self) -> None:
+        while (chunk := self._chunks.get()) is not None:
+            self._digest.update(chunk)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self._position = self._handle.seek(offset, whence)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def write(self, data: bytes) -> int:
+        written = self._handle.write(data)
+        end = self._position + written
+        if not self.in_order:
+            pass
+        elif not self._streaming and end <= len(self._head):
+            self._head[self._position:end] = data
+        elif self._position >= self._hashed:
+            if not self._streaming:
+                self._chunks.put(bytes(self._head))
+                self._streaming = True
+            for start in range(self._hashed, self._position, _WRITE_BLOCK):  # a gap: zeros on the image
+                self._chunks.put(bytes(min(_WRITE_BLOCK, self._position - start)))
+            self._chunks.put(data if isinstance(data, bytes) else bytes(data))
+            self._hashed = end
+        else:
+            self.in_order = False
+        self._position = end
+        return written
+
+    def hexdigest(self) -> str | None:
+        """The image's SHA-256 once written, or None; ends the hashing thread."""
+        self._chunks.put(None)
+        self._thread.join()
+        return self._digest.hexdigest() if self.in_order and self._streaming else None
 
 
 def read_iso_listing(path: Path) -> list[str]:

@@ -19,7 +19,7 @@ from celery import chord
 from pydicom import config
 from pydicom.datadict import tag_for_keyword
 
-from tasks.burn import BurnError, VolumeToBurn, handoff_to_robot, sha256_file, write_folder_checksums, \
+from tasks.burn import BurnError, VolumeToBurn, handoff_to_robot, write_folder_checksums, \
     write_image_checksum
 from tasks.dicomdir import RECORD_INSTANCE_KEYWORDS, DirectoryEntry, file_id_for, write_dicomdir
 from tasks.disc_index import attach_web_content, index_html, readme_text, summarize
@@ -193,9 +193,8 @@ def _write_usb(root: Path, files: list[tuple[str, Path]], extra: list[tuple[str,
 
 def _write_iso(iso_path: Path, files: list[tuple[str, Path]], extra: list[tuple[str, bytes]], number: int,
                volume_count: int, options: dict[str, Any]) -> dict[str, Any]:
-    size = build_iso(iso_path, files, volume_id=_label(number), extra_files=extra)
-    # Hashed by reading the image back (pycdlib seeks while writing); it is in the page cache.
-    checksums = write_image_checksum(iso_path, sha256_file(iso_path))
+    size, digest = build_iso(iso_path, files, volume_id=_label(number), extra_files=extra)
+    checksums = write_image_checksum(iso_path, digest)
     written: dict[str, Any] = {"path": str(iso_path), "bytes": size, "checksums": str(checksums)}
     settings = get_settings()
     hot_folder = options.get("hot_folder") or settings.burn_hot_folder

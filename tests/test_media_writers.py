@@ -10,6 +10,8 @@ are printed, not asserted (run with -s to see them).
 """
 from __future__ import annotations
 
+import hashlib
+
 import copy
 import dataclasses
 import datetime
@@ -541,10 +543,11 @@ def iso(file_set: FileSetOnDisk, tmp_path_factory: pytest.TempPathFactory) -> tu
               "IHE_PDI/Series-1 thumbnail.html": b"<p>long Joliet name</p>"}
     path = tmp_path_factory.mktemp("iso") / "VOL001.ISO"
     started = time.perf_counter()
-    size = build_iso(path, files, volume_id="DISCFLOW_TEST", extra_files=extras.items())
+    size, digest = build_iso(path, files, volume_id="DISCFLOW_TEST", extra_files=extras.items())
     print(f"\nISO of {len(files)} files ({sum(p.stat().st_size for _, p in files) / 1e6:.1f} MB): "
           f"{time.perf_counter() - started:.3f} s")
     assert size == path.stat().st_size and size % 2048 == 0
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
     return path, [name for name, _ in files], extras
 
 
@@ -615,6 +618,31 @@ def test_iso_file_contents_match(iso: tuple[Path, list[str], dict], file_set: Fi
     assert (out / "README.TXT").read_bytes() == extras["README.TXT"]
     for entry in file_set.entries:
         assert out.joinpath(*entry.file_id).stat().st_size == file_set.root.joinpath(*entry.file_id).stat().st_size
+
+
+def test_iso_is_hashed_as_it_is_written_and_read_back_only_when_out_of_order(tmp_path: Path, monkeypatch) -> None:
+    """A disc's usual layout (DICOMDIR, DICOM/..., README, INDEX, IHE_PDI/, a viewer) is hashed
+    while pycdlib writes it; files added out of extent order are hashed by reading the image back.
+    Either way the SHA-256 is the image's."""
+    import tasks.iso_image as iso_image
+
+    sources = []
+    for number in range(12):
+        source = tmp_path / f"source{number}"
+        source.write_bytes(bytes([number]) * (1000 + 3000 * number))
+        sources.append((f"DICOM/P0000001/S0000001/S000000{1 + number // 5}/I{number:07d}", source))
+    (tmp_path / "DICOMDIR").write_bytes(b"D" * 5000)
+    files = [("DICOMDIR", tmp_path / "DICOMDIR"), *sources]
+    extras = [("README.TXT", b"r" * 3000), ("INDEX.HTM", b"<p>" * 900), ("IHE_PDI/T0000001.PNG", b"p" * 4097),
+              ("VIEWER/bin/Viewer Start.exe", b"x" * 7000), ("AUTORUN.INF", b"[autorun]\r\n")]
+    read_back = []
+    monkeypatch.setattr(iso_image, "sha256_file", lambda path: read_back.append(path) or "read back")
+    path = tmp_path / "VOL001.ISO"
+    size, digest = build_iso(path, files, volume_id="DISCFLOW_001", extra_files=extras)
+    assert read_back == [] and digest == hashlib.sha256(path.read_bytes()).hexdigest() and size == path.stat().st_size
+    monkeypatch.setattr(iso_image, "_extent_order", lambda item: [-ord(c) for c in item[0]])  # reversed
+    assert build_iso(path, files, volume_id="DISCFLOW_001", extra_files=extras)[1] == "read back"
+    assert read_back == [path]
 
 
 def test_iso_refuses_bad_layouts(tmp_path: Path) -> None:
@@ -747,6 +775,6 @@ def test_ten_thousand_instances_timing(file_set: FileSetOnDisk, tmp_path: Path) 
         source.write_bytes(b"\0" * 2048)
         files.append(("/".join(entry.file_id), source))
     started = time.perf_counter()
-    size = build_iso(tmp_path / "SMALL.ISO", [("DICOMDIR", tmp_path / "DICOMDIR")] + files, volume_id="BENCH")
+    size, _ = build_iso(tmp_path / "SMALL.ISO", [("DICOMDIR", tmp_path / "DICOMDIR")] + files, volume_id="BENCH")
     print(f"ISO of {len(files) + 1} small files: {time.perf_counter() - started:.3f} s, {size / 1e6:.1f} MB")
     assert len(read_iso_listing(tmp_path / "SMALL.ISO")) == len(files) + 1

@@ -75,9 +75,10 @@ def job_viewer(options: dict[str, Any]) -> ViewerBundle | None:
     return load_viewer(options.get("viewer_dir") or settings.viewer_dir, settings.viewer_start)
 
 
-def plan_media(spool: JobSpool) -> int:
-    """Decide the volumes; write the plan to the spool; return how many volumes there are."""
-    manifest = load_manifest(spool)
+def plan_media(spool: JobSpool, manifest: Manifest | None = None) -> int:
+    """Decide the volumes; write the plan to the spool; return how many volumes there are.
+    ``manifest``: the job's, when the caller has just written it."""
+    manifest = manifest or load_manifest(spool)
     outputs, failures = resolve_outputs(spool, manifest)
     viewer = job_viewer(manifest.options)
     reserved = viewer.disc_bytes if viewer else 0
@@ -263,13 +264,13 @@ def plan_media_task(self, _batches: list, job_id: str):
     return self.replace(media_canvas(self, job_id, spool))
 
 
-def media_canvas(task, job_id: str, spool: JobSpool, part: str = ""):
-    """Plan the volumes (timed as the media stage; ``part`` names it inside another stage's task),
-    then assemble[volume 1..n] -> finish."""
+def media_canvas(task, job_id: str, spool: JobSpool, part: str = "", manifest: Manifest | None = None):
+    """Plan the volumes (timed as the media stage; ``part`` names it inside another stage's task,
+    which may pass the ``manifest`` it has just written), then assemble[volume 1..n] -> finish."""
     with stage_timer(task, job_id, "media", part) as timing:
         if part:
             timing.queue_wait = 0.0  # the task's queue wait is counted with its own stage
-        volume_count = plan_media(spool)
+        volume_count = plan_media(spool, manifest)
     if not volume_count:
         return finish_export_task.si([], job_id)
     progress.set_total(task.app.conf.broker_url, job_id, "media", volume_count)

@@ -164,7 +164,7 @@ def _start_export(task, job_id: str, spool: JobSpool, manifest: Manifest, work: 
     batch_count = write_batches(spool, manifest, work)
     progress.set_total(task.app.conf.broker_url, job_id, "transcode", len(work))
     if not batch_count:
-        return task.replace(media_canvas(task, job_id, spool, part="plan"))
+        return task.replace(media_canvas(task, job_id, spool, part="plan", manifest=manifest))
     return task.replace(export_canvas(job_id, batch_count))
 
 

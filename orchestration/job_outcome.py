@@ -8,7 +8,7 @@ from typing import Any
 
 from orchestration import audit
 from orchestration.ledger import Ledger
-from tasks.manifest import Manifest
+from tasks.manifest import Manifest, read_manifest
 from tasks.spool import JobSpool, read_json
 from workers.settings import get_settings
 
@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 def record_finished_job(ledger: Ledger, job_id: str) -> None:
     spool = JobSpool(get_settings().spool_dir, job_id)
     summary = read_json(spool.summary_path)
-    manifest = Manifest.from_json(read_json(spool.manifest_path))
+    manifest = read_manifest(spool.manifest_path)
     rows = instance_rows(spool, manifest)
     ledger.record_outcomes(job_id, rows)
     ledger.set_bytes(job_id, sum(row["bytes"] for row in rows if row["ok"]))

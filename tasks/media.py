@@ -24,7 +24,7 @@ from tasks.burn import BurnError, VolumeToBurn, handoff_to_robot, write_folder_c
 from tasks.dicomdir import RECORD_INSTANCE_KEYWORDS, DirectoryEntry, file_id_for, write_dicomdir
 from tasks.disc_index import attach_web_content, index_html, readme_text, summarize
 from tasks.iso_image import build_folder, build_iso
-from tasks.manifest import Manifest, as_json, dataset_from_json
+from tasks.manifest import Manifest, as_json, dataset_from_json, read_manifest
 from tasks.profiles import MEDIA_CAPACITY_BYTES, conversion_summary
 from tasks.spool import JobSpool, read_json, write_json
 from tasks.viewer_bundle import ViewerBundle, autorun_inf, load_viewer
@@ -38,7 +38,7 @@ from workers.timing import stage_timer
 
 
 def load_manifest(spool: JobSpool) -> Manifest:
-    return Manifest.from_json(read_json(spool.manifest_path))
+    return read_manifest(spool.manifest_path)
 
 
 def resolve_outputs(spool: JobSpool, manifest: Manifest) -> tuple[dict[int, Output], list[dict[str, str]]]:

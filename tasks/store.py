@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from tasks.dimse import Node, store_files
-from tasks.manifest import Manifest
+from tasks.manifest import read_manifest
 from tasks.media_source import MediaError, Medium, open_medium, opened_medium
 from tasks.spool import JobSpool, read_json, write_json
 from workers import batch_events, progress
@@ -78,7 +78,7 @@ def _opener(location: str, needed: bool, medium: Medium | None) -> Iterator[Call
 
 def finish_import(spool: JobSpool) -> dict[str, Any]:
     """Write the job's outcome to the spool; return counts only (task results are visible to operators)."""
-    manifest = Manifest.from_json(read_json(spool.manifest_path))
+    manifest = read_manifest(spool.manifest_path)
     stored = {r["index"]: r for batch in spool.outcomes("store") for r in batch}
     refused = [{"file": s["file"], "reason": s["reason"]} for s in manifest.skipped if s.get("kind") == "refused"]
     failures = [{"file": manifest.instances[i].source, "reason": r["reason"]} for i, r in stored.items() if not r["ok"]]

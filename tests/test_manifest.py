@@ -220,3 +220,15 @@ def test_dataset_from_json_gives_pydicom_values_with_plain_elements_kept_raw() -
     for mapping in ({"vr": "DS", "Value": [1 / 3]}, {"vr": "CS", "Value": [" A"]}, {"vr": "CS", "Value": ["A\\B"]},
                     {"vr": "US", "Value": [70000]}, {"vr": "IS", "Value": [None]}, {"vr": "LO", "Value": ["x"]}):
         assert raw_element("00181050", mapping) is None, mapping  # left to pydicom
+
+
+def test_read_manifest_parses_each_version_of_the_file_once(tmp_path) -> None:
+    from tasks.manifest import read_manifest
+    from tasks.spool import write_json
+
+    path = tmp_path / "manifest.json"
+    write_json(path, Manifest(job_id="a", kind="export").to_json())
+    first = read_manifest(path)
+    assert read_manifest(path) is first and first.job_id == "a"
+    write_json(path, Manifest(job_id="b", kind="export").to_json())  # a rewrite is a new file
+    assert read_manifest(path).job_id == "b"

@@ -87,10 +87,30 @@ def wait(job_id: str, on_progress: ProgressCallback | None = None, timeout: floa
             health_check()
         time.sleep(poll_seconds)
     if result.failed():
+        _await_ledger(job_id)
         raise _failure(job_id, result.result)
     if on_progress:
         on_progress(progress.read(app.conf.broker_url, job_id))
     return result.get(propagate=False)
+
+
+LEDGER_SETTLE_SECONDS = 2.0
+"""How long a client that saw a run fail waits for the ledger to say so."""
+
+
+def _await_ledger(job_id: str) -> None:
+    """Celery stores a task's failure before its ``task_failure`` handler records the job as failed
+    (orchestration.worker_ledger): wait, briefly, until the ledger shows the run has ended, so a
+    client that sees the failure finds the ledger up to date (as it does for a success)."""
+    deadline = time.monotonic() + LEDGER_SETTLE_SECONDS
+    while time.monotonic() < deadline:
+        try:
+            job = Ledger().job(job_id)
+        except Exception:  # noqa: BLE001 - an unreachable ledger must not hide the job's own error
+            return
+        if job is None or job.state not in ("queued", "running"):
+            return
+        time.sleep(0.02)
 
 
 def _ready(result: AsyncResult) -> bool:

@@ -29,8 +29,8 @@ import re
 import shutil
 import threading
 from collections.abc import Iterable
-from typing import BinaryIO
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 import pycdlib
 
@@ -276,9 +276,14 @@ class _HashingWriter:
     def write(self, data: bytes) -> int:
         written = self._handle.write(data)
         end = self._position + written
-        if not self.in_order:
-            pass
-        elif not self._streaming and end <= len(self._head):
+        if self.in_order:
+            self._take(data, end)
+        self._position = end
+        return written
+
+    def _take(self, data: bytes, end: int) -> None:
+        """Keep ``data`` (written from the current position to ``end``) for the hash."""
+        if not self._streaming and end <= len(self._head):
             self._head[self._position:end] = data
         elif self._position >= self._hashed:
             if not self._streaming:
@@ -290,8 +295,6 @@ class _HashingWriter:
             self._hashed = end
         else:
             self.in_order = False
-        self._position = end
-        return written
 
     def hexdigest(self) -> str | None:
         """The image's SHA-256 once written, or None; ends the hashing thread."""

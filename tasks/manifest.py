@@ -7,7 +7,7 @@ later stage has to read a header again.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -239,15 +239,14 @@ def _patient_key(dataset: Dataset) -> str:
     return f"name:{dataset.get('PatientName', '')}"
 
 
-_last_read: list[Any] = [None, None]
-
-
 def read_manifest(path: Path) -> Manifest:
     """The manifest at ``path``, parsed once per version of the file in this process: a job's last
     task and the ledger entry made after it read the same one (a 500-instance manifest takes
     20-40 ms to parse in a worker). Shared between callers: read it, never change it."""
     stat = path.stat()
-    key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    if _last_read[0] != key:
-        _last_read[:] = [key, Manifest.from_json(read_json(path))]
-    return _last_read[1]
+    return _parsed_manifest(str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=1)
+def _parsed_manifest(path: str, _inode: int, _size: int, _mtime_ns: int) -> Manifest:
+    return Manifest.from_json(read_json(Path(path)))

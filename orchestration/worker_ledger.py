@@ -23,6 +23,8 @@ from workers.timing import TaskTiming, add_sink
 
 logger = logging.getLogger(__name__)
 FINISH_TASKS = ("discflow.media.finish", "discflow.store.finish")
+FINISH_PART = ":finish"
+"""A task that finishes its job inside itself times that part as ``<task name>:finish``."""
 GC_THRESHOLD = 50_000
 """Allocations between young collections in a worker process (Python's default: 700)."""
 
@@ -43,7 +45,7 @@ def record_timing(record: TaskTiming) -> None:
     row = asdict(record)
     row.pop("extra", None)
     _safely(Ledger().record_task, row)
-    if record.name in FINISH_TASKS:
+    if record.name in FINISH_TASKS or record.name.endswith(FINISH_PART):
         _safely(record_finished_job, Ledger(), record.job_id)
 
 

@@ -148,10 +148,11 @@ def _instance_number(attributes: dict[str, Any], tag: str = "00200013") -> int:
         return 0
 
 
-def assemble_volume(spool: JobSpool, number: int) -> dict[str, Any]:
+def assemble_volume(spool: JobSpool, number: int, manifest: Manifest | None = None) -> dict[str, Any]:
     """Write volume ``number`` (1-based): DICOMDIR, README.TXT, INDEX.HTM, web content, viewer, and
-    the ISO image (or USB folder) with its checksum manifest; hand it to a robot when configured."""
-    manifest = load_manifest(spool)
+    the ISO image (or USB folder) with its checksum manifest; hand it to a robot when configured.
+    ``manifest``: the job's, when the caller holds it already."""
+    manifest = manifest or load_manifest(spool)
     options = manifest.options
     plan = read_json(spool.path / "media" / "plan.json")
     volume_count = len(plan["volumes"])
@@ -215,9 +216,9 @@ def _label(number: int) -> str:
     return f"{get_settings().volume_label[:12]}_{number:03d}".upper()
 
 
-def finish_export(spool: JobSpool) -> dict[str, Any]:
+def finish_export(spool: JobSpool, manifest: Manifest | None = None) -> dict[str, Any]:
     """Write the job's outcome to the spool; return only counts (task results are visible to operators)."""
-    manifest = load_manifest(spool)
+    manifest = manifest or load_manifest(spool)
     plan = read_json(spool.path / "media" / "plan.json")
     volumes = [read_json(spool.path / "media" / f"VOL{n:03d}" / "result.json")
                for n in range(1, len(plan["volumes"]) + 1)]
@@ -261,21 +262,29 @@ def plan_media_task(self, _batches: list, job_id: str):
     ensure_not_cancelled(self, job_id)
     spool = _spool(job_id)
     wait_for_batches(self, spool, "transcode")
-    return self.replace(media_canvas(self, job_id, spool))
+    return media_stage(self, job_id, spool)
 
 
-def media_canvas(task, job_id: str, spool: JobSpool, part: str = "", manifest: Manifest | None = None):
+def media_stage(task, job_id: str, spool: JobSpool, part: str = "", manifest: Manifest | None = None):
     """Plan the volumes (timed as the media stage; ``part`` names it inside another stage's task,
-    which may pass the ``manifest`` it has just written), then assemble[volume 1..n] -> finish."""
+    which may pass the ``manifest`` it has just written), then assemble[volume 1..n] -> finish.
+    A single volume (the usual disc) is assembled and finished in this task: two hops fewer,
+    and the manifest is not parsed again in another process (together 30-80 ms of a 0.5 s export)."""
     with stage_timer(task, job_id, "media", part) as timing:
         if part:
             timing.queue_wait = 0.0  # the task's queue wait is counted with its own stage
         volume_count = plan_media(spool, manifest)
-    if not volume_count:
-        return finish_export_task.si([], job_id)
-    progress.set_total(task.app.conf.broker_url, job_id, "media", volume_count)
+    if volume_count:
+        progress.set_total(task.app.conf.broker_url, job_id, "media", volume_count)
+    if volume_count <= 1:
+        manifest = manifest or load_manifest(spool)
+        if volume_count:
+            _timed_assembly(task, job_id, spool, 1, "assemble", manifest)
+        with stage_timer(task, job_id, "media", "finish") as timing:
+            timing.queue_wait = 0.0
+            return finish_export(spool, manifest)
     header = [assemble_volume_task.si(job_id, n) for n in range(1, volume_count + 1)]
-    return chord(header, finish_export_task.s(job_id))
+    return task.replace(chord(header, finish_export_task.s(job_id)))
 
 
 def wait_for_batches(task, spool: JobSpool, stage: str, outcome_stage: str | None = None,
@@ -293,10 +302,17 @@ def wait_for_batches(task, spool: JobSpool, stage: str, outcome_stage: str | Non
 @app.task(bind=True, name="discflow.media.assemble")
 def assemble_volume_task(self, job_id: str, number: int) -> dict[str, int]:
     ensure_not_cancelled(self, job_id)
-    with stage_timer(self, job_id, "media") as timing:
-        result = assemble_volume(_spool(job_id), number)
+    return _timed_assembly(self, job_id, _spool(job_id), number)
+
+
+def _timed_assembly(task, job_id: str, spool: JobSpool, number: int, part: str = "",
+                    manifest: Manifest | None = None) -> dict[str, int]:
+    with stage_timer(task, job_id, "media", part) as timing:
+        if part:
+            timing.queue_wait = 0.0
+        result = assemble_volume(spool, number, manifest)
         timing.count(result["instances"], result["bytes_in"], result["bytes"])
-    progress.advance(self.app.conf.broker_url, job_id, "media", 1)
+    progress.advance(task.app.conf.broker_url, job_id, "media", 1)
     return {"volume": number, "instances": result["instances"], "bytes": result["bytes"]}
 
 

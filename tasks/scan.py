@@ -159,12 +159,12 @@ def merge_scan_task(self, _chunks: list, job_id: str, chunk_count: int):
 def _start_export(task, job_id: str, spool: JobSpool, manifest: Manifest, work: list[int]):
     """Write the transcode batches and hand on to them; with nothing to transcode, plan the
     volumes here and hand on to their assembly (a task and a hop fewer)."""
-    from tasks.media import media_canvas
+    from tasks.media import media_stage
 
     batch_count = write_batches(spool, manifest, work)
     progress.set_total(task.app.conf.broker_url, job_id, "transcode", len(work))
     if not batch_count:
-        return task.replace(media_canvas(task, job_id, spool, part="plan", manifest=manifest))
+        return media_stage(task, job_id, spool, part="plan", manifest=manifest)
     return task.replace(export_canvas(job_id, batch_count))
 
 

@@ -12,6 +12,7 @@ ratios and the Markdown tables in ``benchmark_report``.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -260,7 +261,7 @@ def import_request(medium: Path, node: str, send: str) -> dict[str, Any]:
 
 def run_job(kind: str, request: dict[str, Any]) -> tuple[dict[str, Any], float]:
     """Submit and wait as the CLI does (steady state: Redis and workers already up); (summary, seconds)."""
-    started = time.monotonic()
+    started = peers.start_clock()
     job_id = submit(kind, request)
     wait(job_id)
     seconds = time.monotonic() - started
@@ -294,7 +295,7 @@ def export_inline(folder: Path, syntax: str, out: Path, batch_size: int | None =
     shutil.rmtree(out, ignore_errors=True)
     spool = JobSpool(get_settings().spool_dir, new_job_id("export")).create()
     spool.write(REQUEST, export_request(folder, syntax, out, batch_size))
-    marks = [time.monotonic()]
+    marks = [peers.start_clock()]
     manifest, work = scan_export(spool)
     batches = write_batches(spool, manifest, work)
     marks.append(time.monotonic())
@@ -320,7 +321,7 @@ def embedded_export(folder: Path, out: Path, spool: Path) -> Run:
     environment["DISCFLOW_SPOOL_DIR"] = str(spool)
     command = [sys.executable, "-m", "orchestration.cli", "export", "--source", str(folder), "--syntax", "keep",
                "--out", str(out), "--json"]
-    started = time.monotonic()
+    started = peers.start_clock()
     finished = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=900)
     seconds = time.monotonic() - started
     if finished.returncode != 0:
@@ -448,22 +449,35 @@ def embedded_row(bench: Bench) -> None:
 
 
 def scaling_rows(bench: Bench) -> None:
-    """The transcode-heavy export on N and on 1 worker processes, and the per-task overhead of the
-    canvas: the same export through Celery and inline in this process, for each batch size.
-    N first, on the worker the tables used, so that the worker restarts only once."""
+    """The transcode-heavy export on N and on 1 worker processes, beside the same comparison for a
+    plain CPU-bound loop (what this machine gives N processes at all); then the per-task overhead of
+    the canvas: the same export through Celery and inline in this process, for each batch size.
+    N and 1 alternate run by run, so that a shared machine's drift (its speed moved by 20 % within
+    minutes here) falls on both alike; each switch starts a fresh worker, warmed up by one
+    uncounted export."""
     source, many = bench.corpus.jpeg_lossless, bench.options.concurrency
-    for processes in dict.fromkeys((many, 1)):
-        if bench.cluster.concurrency != processes:
-            bench.cluster.restart_workers(processes)
-            discflow_export(source, "uncompressed", bench.out)  # warm the fresh pool up, not counted
+    for _ in range(bench.options.runs):
+        for processes in dict.fromkeys((many, 1)):
+            _use_processes(bench, processes)
+            bench.measure("scaling", "uncompressed", f"workers={processes}",
+                          discflow_export(source, "uncompressed", bench.out))
+        for processes, run in cpu_loop_runs(many).items():
+            bench.measure("scaling", "cpu-loop", f"processes={processes}", run, counted=False)
+    for processes in dict.fromkeys((1, many)):
+        _use_processes(bench, processes)
         for _ in range(bench.options.runs):
-            _scaling_run(bench, processes)
+            _overhead_run(bench, processes)
     shutil.rmtree(bench.out, ignore_errors=True)
 
 
-def _scaling_run(bench: Bench, processes: int) -> None:
+def _use_processes(bench: Bench, processes: int) -> None:
+    if bench.cluster.concurrency != processes:
+        bench.cluster.restart_workers(processes)
+        discflow_export(bench.corpus.jpeg_lossless, "uncompressed", bench.out)  # warm the fresh pool up
+
+
+def _overhead_run(bench: Bench, processes: int) -> None:
     source, out = bench.corpus.jpeg_lossless, bench.out
-    bench.measure("scaling", "uncompressed", f"workers={processes}", discflow_export(source, "uncompressed", out))
     for size in bench.options.batch_sizes:
         bench.measure("overhead", f"batch={size}", f"celery-{processes}",
                       discflow_export(source, "uncompressed", out, size))
@@ -472,6 +486,27 @@ def _scaling_run(bench: Bench, processes: int) -> None:
     if processes == bench.options.concurrency:  # keep: the steady-state set-up against one process
         bench.measure("overhead", "keep", "celery", discflow_export(source, "keep", out))
         bench.measure("overhead", "keep", "inline", export_inline(source, "keep", out))
+
+
+CPU_LOOP = 10_000_000
+"""Iterations of the plain loop that measures the machine (about 0.5 s on one core here)."""
+
+
+def cpu_loop_runs(processes: int, loops: int = CPU_LOOP) -> dict[int, Run]:
+    """The machine's own ceiling for N processes: N loops one after another in one process against
+    N loops at once in N processes (a perfectly parallel job), timed inside the processes."""
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        alone = pool.apply(_cpu_loop, (loops,))
+        together = max(pool.map(_cpu_loop, [loops] * processes, chunksize=1))
+    return {processes: Run(together), 1: Run(alone * processes)}
+
+
+def _cpu_loop(loops: int) -> float:
+    started = time.perf_counter()
+    total = 0
+    for number in range(loops):
+        total += number * number
+    return time.perf_counter() - started
 
 
 # ------------------------------------------------------------------------------------ the run

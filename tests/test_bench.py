@@ -26,7 +26,8 @@ def expected_keys() -> set[str]:
     keys |= {f"import/{row}/{tool}@{pacs}" for row in IMPORT_ROWS for tool in ("discflow", "dcmsend") for pacs in PACS}
     keys |= {f"node/keep/discflow@{pacs}" for pacs in PACS} | {"import/jpeg-keep-iso/discflow@nodelay"}
     keys |= {"embedded/keep/discflow-cli", "scaling/uncompressed/workers=1", "scaling/uncompressed/workers=2",
-             "overhead/keep/inline", "overhead/keep/celery"}
+             "overhead/keep/inline", "overhead/keep/celery", "scaling/cpu-loop/processes=1",
+             "scaling/cpu-loop/processes=2"}
     keys |= {f"overhead/batch={size}/{tool}" for size in BATCH_SIZES for tool in ("inline", "celery-1", "celery-2")}
     return keys
 
@@ -77,3 +78,4 @@ def test_corpus_is_realistic_and_ratios_are_reported(report):
     assert all(ratio["ratio"] > 0 for ratio in report["ratios"])
     assert report["overhead"]["best_batch_size"]["batch_size"] in BATCH_SIZES
     assert report["scaling"]["speedup"] > 0
+    assert report["scaling"]["machine_speedup"] > 0, "the machine's own ceiling is measured beside it"

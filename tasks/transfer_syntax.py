@@ -972,8 +972,9 @@ def _write_spliced(raw: bytes, splice: _Splice, ds: Dataset, bytes_in: int, dest
     parts = [header.getvalue(), raw[splice.dataset_start:splice.pixel_start],
              struct.pack("<HH2sHI", 0x7FE0, 0x0010, element.VR.encode(), 0, len(pixels)), pixels,
              raw[splice.pixel_end:]]
-    with _partial_file(destination) as partial:
-        bytes_out = partial.write_bytes(b"".join(parts))
+    with _partial_file(destination) as partial, partial.open("wb") as handle:
+        handle.writelines(parts)  # no joined copy: the pixels go from the decoder's buffer to the file
+    bytes_out = sum(len(part) for part in parts)
     return ConversionResult(transfer_syntax=str(EXPLICIT_VR_LITTLE_ENDIAN), sop_instance_uid=str(sop_instance),
                             bytes_in=bytes_in, bytes_out=bytes_out, lossy=False)
 

@@ -337,9 +337,11 @@ def _convert(source: Path, destination: Path, target: UID, quality: int) -> Conv
         _mark_lossy_source(ds, source_method)
 
     if target == EXPLICIT_VR_LITTLE_ENDIAN:
-        written, lossy = _set_native(ds, frames, pixel), False
+        pixels = _native_pixels(ds, frames)
+        _set_image_pixel(ds, frames, pixel["photometric_interpretation"])
         if splice is not None and _image_pixel_state(ds) == state:
-            return _write_spliced(raw, splice, ds, len(raw), destination)
+            return _write_spliced(raw, splice, ds, pixels, destination)
+        written, lossy = _set_native(ds, pixels), False
     elif target == JPEG_LOSSLESS_SV1:
         written, lossy = _encode_jpeg_lossless(ds, frames, pixel), False
     elif target == JPEG_EXTENDED:
@@ -584,17 +586,24 @@ def _fit_bits_stored(ds: Dataset, frames: np.ndarray, syntax: UID) -> None:
 
 # --------------------------------------------------------------------------- encoding
 
-def _set_native(ds: Dataset, frames: np.ndarray, pixel: dict[str, Any]) -> UID:
+def _native_pixels(ds: Dataset, frames: np.ndarray) -> bytes | memoryview:
+    """Decoded frames as native little-endian Pixel Data of even length: a view of the decoder's
+    own buffer where it already is (no 0.5 MB copy a CT slice; two cores share memory bandwidth)."""
     if ds.BitsAllocated == 1:
-        data = pack_bits(frames.reshape(-1))
+        data: bytes | memoryview = pack_bits(frames.reshape(-1))
     else:
-        data = frames.astype(frames.dtype.newbyteorder("<"), copy=False).tobytes()
-    if len(data) % 2:
-        data += b"\0"
-    _set_image_pixel(ds, frames, pixel["photometric_interpretation"])
-    ds.PixelData = data
+        data = memoryview(np.ascontiguousarray(frames.astype(frames.dtype.newbyteorder("<"), copy=False))).cast("B")
+    return data if len(data) % 2 == 0 else bytes(data) + b"\0"
+
+
+def _native_vr(ds: Dataset) -> str:
+    return "OW" if ds.BitsAllocated > 8 else "OB"
+
+
+def _set_native(ds: Dataset, pixels: bytes | memoryview) -> UID:
+    ds.PixelData = bytes(pixels)
     element = ds["PixelData"]
-    element.VR = "OW" if ds.BitsAllocated > 8 else "OB"
+    element.VR = _native_vr(ds)
     element.is_undefined_length = False
     return EXPLICIT_VR_LITTLE_ENDIAN
 
@@ -959,7 +968,8 @@ def _image_pixel_state(ds: Dataset) -> tuple[Any, ...]:
         "ExtendedOffsetTable", "ExtendedOffsetTableLengths", "SamplesPerPixel", "BitsAllocated"))
 
 
-def _write_spliced(raw: bytes, splice: _Splice, ds: Dataset, bytes_in: int, destination: Path) -> ConversionResult:
+def _write_spliced(raw: bytes, splice: _Splice, ds: Dataset, pixels: bytes | memoryview,
+                   destination: Path) -> ConversionResult:
     """The source's own bytes around new native Pixel Data, under a new file meta: pydicom's
     encoding of the whole data set cost ~5 ms a slice and changed nothing else."""
     meta, sop_instance = _file_meta(ds, EXPLICIT_VR_LITTLE_ENDIAN)
@@ -967,16 +977,14 @@ def _write_spliced(raw: bytes, splice: _Splice, ds: Dataset, bytes_in: int, dest
     header.is_little_endian, header.is_implicit_VR = True, False
     header.write(b"\0" * 128 + b"DICM")
     write_file_meta_info(header, meta, enforce_standard=True)
-    element = ds["PixelData"]
-    pixels = element.value
     parts = [header.getvalue(), raw[splice.dataset_start:splice.pixel_start],
-             struct.pack("<HH2sHI", 0x7FE0, 0x0010, element.VR.encode(), 0, len(pixels)), pixels,
+             struct.pack("<HH2sHI", 0x7FE0, 0x0010, _native_vr(ds).encode(), 0, len(pixels)), pixels,
              raw[splice.pixel_end:]]
     with _partial_file(destination) as partial, partial.open("wb") as handle:
         handle.writelines(parts)  # no joined copy: the pixels go from the decoder's buffer to the file
     bytes_out = sum(len(part) for part in parts)
     return ConversionResult(transfer_syntax=str(EXPLICIT_VR_LITTLE_ENDIAN), sop_instance_uid=str(sop_instance),
-                            bytes_in=bytes_in, bytes_out=bytes_out, lossy=False)
+                            bytes_in=len(raw), bytes_out=bytes_out, lossy=False)
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -544,10 +545,11 @@ def _measure_all(bench: Bench, say: Say) -> None:
                 warm_up_import(bench)
             for number in range(1, bench.options.runs + 1):
                 say(f"run {number} of {bench.options.runs}")
-                for part, rows in (("export", export_rows), ("import", import_rows), ("node", node_rows),
-                                   ("embedded", embedded_row)):
-                    if part in bench.options.parts:
-                        rows(bench)
+                with _orthanc_logs_on_error(orthancs):
+                    for part, rows in (("export", export_rows), ("import", import_rows), ("node", node_rows),
+                                       ("embedded", embedded_row)):
+                        if part in bench.options.parts:
+                            rows(bench)
         if "scaling" in bench.options.parts:
             scaling_rows(bench)
         if bench.options.profile_html:
@@ -556,6 +558,17 @@ def _measure_all(bench: Bench, say: Say) -> None:
             say(f"profile of the inline uncompressed export written to {bench.options.profile_html}")
     finally:
         bench.cluster.stop()
+
+
+@contextmanager
+def _orthanc_logs_on_error(orthancs: dict[str, OrthancPeer]) -> Iterator[None]:
+    """An error answer of Orthanc's REST API, with the end of each Orthanc's log (the bench's
+    folder, logs included, is removed when it stops)."""
+    try:
+        yield
+    except urllib.error.HTTPError as error:
+        logs = "\n".join(f"--- Orthanc {name}:\n{peer.log()[-2000:]}" for name, peer in orthancs.items())
+        raise RuntimeError(f"Orthanc answered {error} ({error.url})\n{logs}") from error
 
 
 @contextmanager

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import time
+import urllib.error
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -130,11 +131,27 @@ def load_study(peer: OrthancPeer, folder: Path) -> str:
 
     Over REST, not DICOM: a stock Orthanc stalls ~45 ms per C-STORE, and loading is not measured."""
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(peer.upload, sorted(folder.glob("*.dcm"))))
+        list(pool.map(lambda path: _upload(peer, path), sorted(folder.glob("*.dcm"))))
     studies = peer.rest("/studies")
     if len(studies) != 1:
         raise RuntimeError(f"expected one study in Orthanc after loading, found {len(studies)}")
     return str(studies[0])
+
+
+UPLOAD_ATTEMPTS = 3
+
+
+def _upload(peer: OrthancPeer, path: Path) -> None:
+    """POST one file; again after a server error, then fail with Orthanc's log (a full bench run
+    here once stopped on an HTTP 500 from Orthanc 1.10 while loading the study for the node rows)."""
+    for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+        try:
+            peer.upload(path)
+            return
+        except urllib.error.HTTPError as error:
+            if error.code < 500 or attempt == UPLOAD_ATTEMPTS:
+                raise RuntimeError(f"Orthanc refused {path.name}: {error}\n{peer.log()[-3000:]}") from error
+            time.sleep(0.2 * attempt)
 
 
 def tool_versions() -> dict[str, str]:

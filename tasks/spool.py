@@ -50,6 +50,17 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_bytes())
 
 
+FILES_PER_FOLDER = 50
+"""Instance files per spool folder. Creating a file locks its folder: two processes that filled
+one folder took 0.6-0.9 s for 500 small files each, against 0.36-0.46 s in folders of their own
+(ext4 here). Batches hold consecutive indices, so batches running at once write apart."""
+
+
+def instance_folder(index: int) -> str:
+    """The spool subfolder that holds the files of instance ``index``."""
+    return f"{index // FILES_PER_FOLDER:06d}"
+
+
 class JobSpool:
     """The folder of one job: manifest, retrieved sources, transcoded files, outcomes, volumes."""
 
@@ -82,7 +93,7 @@ class JobSpool:
         return self.path / "transcoded"
 
     def transcoded_path(self, index: int) -> Path:
-        return self.transcoded_dir / f"{index // 1000:04d}" / f"{index:08d}.dcm"
+        return self.transcoded_dir / instance_folder(index) / f"{index:08d}.dcm"
 
     def batch_path(self, stage: str, batch: int) -> Path:
         """The work list of one batch (instance entries), written by scan."""

@@ -12,7 +12,7 @@ from tasks.decode_guard import DecodeGuardError, guarded, guarded_each
 from tasks.manifest import Instance
 from tasks.media_source import MediaError, Medium, RefusedFile, extract, opened_medium
 from tasks.reconcile import apply_edits
-from tasks.spool import JobSpool, atomic_writer, read_json, write_json
+from tasks.spool import JobSpool, atomic_writer, instance_folder, read_json, write_json
 from workers import progress
 from workers.app import app
 from workers.job_control import ensure_not_cancelled
@@ -84,7 +84,7 @@ def transcode_batch_task(self, job_id: str, number: int) -> dict[str, int]:
 # --- import: take instances off the medium, reconcile, convert when the send mode asks ---------
 
 def _imported_path(spool: JobSpool, index: int, suffix: str = "") -> Path:
-    return spool.source_dir / f"{index // 1000:04d}" / f"{index:08d}{suffix}.dcm"
+    return spool.source_dir / instance_folder(index) / f"{index:08d}{suffix}.dcm"
 
 
 def _write_edited(path: Path, instance: Instance, reason: str) -> None:

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,3 +81,45 @@ def test_worker_needs_a_broker():
 def test_every_command_has_worked_examples_in_its_help(command):
     result = discflow(command, "--help")
     assert result.returncode == 0 and ("Example" in result.stdout or "discflow " in result.stdout)
+
+
+def _descendants(pid: int) -> set[int]:
+    found: set[int] = set()
+    pending = [pid]
+    while pending:
+        parent = pending.pop()
+        children = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
+        found.update(int(child) for child in children)
+        pending.extend(int(child) for child in children)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigterm_stops_the_embedded_redis_and_workers(tmp_path):
+    """An operator's `kill` (or a service manager's stop) leaves no Redis or worker behind."""
+    study = tmp_path / "study"
+    build_study(study, StudySpec(images=200, patient_name="TERM^TEST", patient_id="TERM-1"))
+    command = [sys.executable, "-m", "orchestration.cli", "export", "--source", str(study), "--syntax",
+               "uncompressed", "--out", str(tmp_path / "out")]
+    process = subprocess.Popen(command, env={**os.environ, "DISCFLOW_SPOOL_DIR": str(tmp_path / "spool")},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    started: set[int] = set()
+    while time.monotonic() < deadline and process.poll() is None:
+        started = _descendants(process.pid)
+        if len(started) >= 3:  # Redis, the worker and its pool: the job is running
+            break
+        time.sleep(0.1)
+    assert len(started) >= 3, "the embedded Redis and worker did not start"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(pid) for pid in started):
+        time.sleep(0.1)
+    assert not [pid for pid in started if _alive(pid)], "processes left running after SIGTERM"

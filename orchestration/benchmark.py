@@ -495,19 +495,23 @@ CPU_LOOP = 10_000_000
 
 def cpu_loop_runs(processes: int, loops: int = CPU_LOOP) -> dict[int, Run]:
     """The machine's own ceiling for N processes: N loops one after another in one process against
-    N loops at once in N processes (a perfectly parallel job), timed inside the processes."""
+    N loops at once in N processes (a perfectly parallel job), both timed from this process."""
     with multiprocessing.get_context("fork").Pool(processes) as pool:
-        alone = pool.apply(_cpu_loop, (loops,))
-        together = max(pool.map(_cpu_loop, [loops] * processes, chunksize=1))
+        pool.map(_cpu_loop, [1] * processes, chunksize=1)  # every process is up before the clock starts
+        started = peers.start_clock()
+        pool.apply(_cpu_loop, (loops,))
+        alone = time.monotonic() - started
+        started = time.monotonic()
+        pool.map(_cpu_loop, [loops] * processes, chunksize=1)
+        together = time.monotonic() - started  # from the parent: processes that start late count
     return {processes: Run(together), 1: Run(alone * processes)}
 
 
-def _cpu_loop(loops: int) -> float:
-    started = time.perf_counter()
+def _cpu_loop(loops: int) -> int:
     total = 0
     for number in range(loops):
         total += number * number
-    return time.perf_counter() - started
+    return total
 
 
 # ------------------------------------------------------------------------------------ the run

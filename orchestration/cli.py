@@ -318,15 +318,22 @@ def main() -> None:
     # What is imported lives as long as the process: exempt it from the garbage collector, which
     # otherwise walks it all again at exit (0.3 s of every command).
     gc.freeze()
-    signal.signal(signal.SIGTERM, _stop_on_signal)
-    signal.signal(signal.SIGHUP, _stop_on_signal)
+    for number in _STOP_SIGNALS:
+        if signal.getsignal(number) is signal.SIG_DFL:  # `nohup discflow ...` keeps SIGHUP ignored
+            signal.signal(number, _stop_on_signal)
     cli(prog_name="discflow")
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def _stop_on_signal(number: int, _frame: object) -> None:
     """`kill`, a service manager's stop or a closed terminal end a command as Ctrl-C does: the
     embedded Redis and workers it started are stopped on the way out, not left running (Python's
-    default for SIGTERM exits at once, without unwinding)."""
+    default for SIGTERM exits at once, without unwinding). A second signal must not cut that
+    clean-up short, so the signals are ignored from here on."""
+    for stop in _STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
     raise SystemExit(128 + number)
 
 

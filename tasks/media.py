@@ -279,6 +279,7 @@ def media_stage(task, job_id: str, spool: JobSpool, part: str = "", manifest: Ma
     if volume_count <= 1:
         manifest = manifest or load_manifest(spool)
         if volume_count:
+            ensure_not_cancelled(task, job_id)  # the scan or transcode may have run a while: no disc for a cancelled job
             _timed_assembly(task, job_id, spool, 1, "assemble", manifest)
         with stage_timer(task, job_id, "media", "finish") as timing:
             timing.queue_wait = 0.0

@@ -591,6 +591,8 @@ def _native_pixels(ds: Dataset, frames: np.ndarray) -> bytes | memoryview:
     own buffer where it already is (no 0.5 MB copy a CT slice; two cores share memory bandwidth)."""
     if ds.BitsAllocated == 1:
         data: bytes | memoryview = pack_bits(frames.reshape(-1))
+    elif not frames.size:
+        data = b""  # a view of nothing cannot be cast
     else:
         data = memoryview(np.ascontiguousarray(frames.astype(frames.dtype.newbyteorder("<"), copy=False))).cast("B")
     return data if len(data) % 2 == 0 else bytes(data) + b"\0"

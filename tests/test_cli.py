@@ -123,3 +123,14 @@ def test_sigterm_stops_the_embedded_redis_and_workers(tmp_path):
     while time.monotonic() < deadline and any(_alive(pid) for pid in started):
         time.sleep(0.1)
     assert not [pid for pid in started if _alive(pid)], "processes left running after SIGTERM"
+
+
+def test_a_command_started_under_nohup_keeps_ignoring_sighup():
+    """`nohup discflow export ... &` must survive the operator logging out."""
+    probe = ("import signal; signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+             "import orchestration.cli as cli; cli.cli = lambda **_: None; cli.main()\n"
+             "print(signal.getsignal(signal.SIGHUP) is signal.SIG_IGN,"
+             " signal.getsignal(signal.SIGTERM) is cli._stop_on_signal)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True"]

@@ -157,7 +157,7 @@ class FlowerWatch:
     """Polls /api/tasks while a job runs, remembering every name each task id had and every answer.
 
     Flower keeps one record per task id, and the scan task's id is the job id, which Celery hands on through
-    ``replace`` to the job's last task (`discflow.media.finish`): the scan record is visible while the job
+    ``replace`` to the job's last task (the one that finishes it): the scan record is visible while the job
     runs, then overwritten. So the test watches during the job, not only after it.
     """
 

@@ -1,6 +1,7 @@
 """store: C-STORE prepared instances to the PACS over parallel associations; finish the import."""
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +19,8 @@ from workers.app import app
 from workers.job_control import ensure_not_cancelled
 from workers.settings import get_settings
 from workers.timing import stage_timer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -163,6 +166,27 @@ def finish_import_task(self, _batches: list, job_id: str) -> dict[str, Any]:
     while (missing := spool.unfinished_batches("store")) and time.monotonic() < deadline:
         if not batch_events.wait_for_one(self.app.conf.broker_url, job_id, missing, deadline - time.monotonic()):
             break  # a batch is still queued: give this process back to it, come back in 0.1 s
+    if missing and (lost := batch_events.overdue(self.app.conf.broker_url, job_id, missing,
+                                                 get_settings().visibility_timeout_seconds + LOST_BATCH_GRACE_SECONDS)):
+        resend_batches(job_id, spool, lost)
     wait_for_batches(self, spool, "store", countdown=0.1)
     with stage_timer(self, job_id, "store"):
         return finish_import(spool)
+
+
+LOST_BATCH_GRACE_SECONDS = 30.0
+"""Beyond the broker's visibility timeout (after which a killed worker's messages are redelivered),
+how long the job may stand still before a batch that never started is sent again."""
+
+
+def resend_batches(job_id: str, spool: JobSpool, numbers: list[int]) -> None:
+    """Send store batches again whose message vanished. Redis hands a worker a message before kombu
+    records it as unacknowledged, so a worker killed in between loses it for good (kombu issues
+    #305, #1836), and the job would wait out its 30 minutes. Batches are idempotent: one that was
+    only late runs twice and stores nothing twice."""
+    from tasks.scan import REQUEST, batch_canvas
+
+    send = spool.read(REQUEST).get("send", "negotiate")
+    logger.warning("job %s: store batch(es) %s never finished; sent again", job_id, ", ".join(map(str, numbers)))
+    for number in numbers:
+        batch_canvas(job_id, number, send).apply_async()

@@ -4,6 +4,8 @@ import on average). It blocks only while every missing batch is running in anoth
 batch still queued may need the very slot the finish holds."""
 from __future__ import annotations
 
+import time
+
 from workers import redis_keys
 from workers.redis_client import redis_client
 
@@ -17,12 +19,14 @@ def started(broker_url: str, job_id: str, number: int) -> None:
 
 def finished(broker_url: str, job_id: str, number: int) -> None:
     key = redis_keys.job_batches_done(job_id)
-    redis_client(broker_url).pipeline().rpush(key, number).expire(key, EXPIRE_SECONDS).execute()
+    pipeline = redis_client(broker_url).pipeline().rpush(key, number).expire(key, EXPIRE_SECONDS)
+    pipeline.delete(redis_keys.job_batches_waited_since(job_id)).execute()  # the job moves: no batch is overdue
 
 
 def restart(broker_url: str, job_id: str) -> None:
     """Forget the last run's batches (a resumed job runs its unfinished ones again)."""
-    redis_client(broker_url).delete(redis_keys.job_batches_running(job_id), redis_keys.job_batches_done(job_id))
+    redis_client(broker_url).delete(redis_keys.job_batches_running(job_id), redis_keys.job_batches_done(job_id),
+                                    redis_keys.job_batches_waited_since(job_id))
 
 
 def wait_for_one(broker_url: str, job_id: str, missing: list[int], timeout: float) -> bool:
@@ -34,3 +38,20 @@ def wait_for_one(broker_url: str, job_id: str, missing: list[int], timeout: floa
         return False
     client.blpop([redis_keys.job_batches_done(job_id)], timeout=max(timeout, 0.01))  # 0 would block forever
     return True
+
+
+def overdue(broker_url: str, job_id: str, missing: list[int], after_seconds: float) -> list[int]:
+    """The batches of ``missing`` that never started although no batch has finished for
+    ``after_seconds`` while the finish waited (its first call starts that clock, each finished batch
+    resets it). Returning some restarts the clock, so batches sent again are given as long."""
+    client = redis_client(broker_url)
+    key = redis_keys.job_batches_waited_since(job_id)
+    now = time.time()
+    client.set(key, now, nx=True, ex=EXPIRE_SECONDS)
+    if now - float(client.get(key) or now) < after_seconds:
+        return []
+    running = client.smembers(redis_keys.job_batches_running(job_id))
+    lost = [number for number in missing if str(number).encode() not in running]
+    if lost:
+        client.set(key, now, ex=EXPIRE_SECONDS)
+    return lost

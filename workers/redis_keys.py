@@ -27,3 +27,8 @@ def job_batches_running(job_id: str) -> str:
 def job_batches_done(job_id: str) -> str:
     """List with one entry per store batch finished, for the import's finish to block on."""
     return f"{PREFIX}:job:{job_id}:batches-done"
+
+
+def job_batches_waited_since(job_id: str) -> str:
+    """When the import's finish began waiting for its missing batches (or last sent them again)."""
+    return f"{PREFIX}:job:{job_id}:batches-waited-since"

@@ -273,13 +273,13 @@ def media_stage(task, job_id: str, spool: JobSpool, part: str = "", manifest: Ma
     with stage_timer(task, job_id, "media", part) as timing:
         if part:
             timing.queue_wait = 0.0  # the task's queue wait is counted with its own stage
+        manifest = manifest or load_manifest(spool)
         volume_count = plan_media(spool, manifest)
     if volume_count:
         progress.set_total(task.app.conf.broker_url, job_id, "media", volume_count)
     if volume_count <= 1:
-        manifest = manifest or load_manifest(spool)
         if volume_count:
-            ensure_not_cancelled(task, job_id)  # the scan or transcode may have run a while: no disc for a cancelled job
+            ensure_not_cancelled(task, job_id)  # the scan or transcode may have run a while: no disc then
             _timed_assembly(task, job_id, spool, 1, "assemble", manifest)
         with stage_timer(task, job_id, "media", "finish") as timing:
             timing.queue_wait = 0.0

@@ -157,8 +157,8 @@ def merge_scan_task(self, _chunks: list, job_id: str, chunk_count: int):
 
 
 def _start_export(task, job_id: str, spool: JobSpool, manifest: Manifest, work: list[int]):
-    """Write the transcode batches and hand on to them; with nothing to transcode, plan the
-    volumes here and hand on to their assembly (a task and a hop fewer)."""
+    """Write the transcode batches and hand on to them; with nothing to transcode, run the media
+    stage here (:func:`tasks.media.media_stage`: a single volume is assembled in this task)."""
     from tasks.media import media_stage
 
     batch_count = write_batches(spool, manifest, work)
